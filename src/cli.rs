@@ -11,8 +11,51 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve tiered volumes over NBD (the embedded default config needs no arguments).
+    Serve(crate::server::ServeArgs),
+    /// Call a JSON-RPC method on a running server, e.g. `kiln rpc volume_get_map '{"volume":"vol0"}'`.
+    Rpc(RpcArgs),
     /// Run a bdevperf-like load generator on the reactors against one device.
     Bench(crate::bench::BenchArgs),
+    /// Replay a block I/O trace against tiering policies in virtual time.
+    Replay(crate::replay::ReplayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RpcArgs {
+    /// Method name, e.g. volume_list, volume_get_map, tier_list.
+    pub method: String,
+    /// Parameters as a JSON object.
+    pub params: Option<String>,
+    /// The server's RPC socket.
+    #[arg(long, short = 's', default_value = "./kiln-data/kiln.sock")]
+    pub socket: std::path::PathBuf,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+fn run_rpc(args: &RpcArgs) -> i32 {
+    let params = match args.params.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => {
+            eprintln!("kiln rpc: parameters are not valid JSON: {e}");
+            return 2;
+        }
+    };
+    match crate::rpc::call(&args.socket, &args.method, params, std::time::Duration::from_secs(args.timeout)) {
+        Ok(v) => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v).unwrap());
+            0
+        }
+        Err(e) => {
+            eprintln!("kiln rpc: {e}");
+            1
+        }
+    }
 }
 
 fn init_tracing() {
@@ -26,6 +69,15 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
+        Command::Serve(args) => crate::server::serve(&args),
+        Command::Rpc(args) => run_rpc(&args),
+        Command::Replay(args) => match crate::replay::run(&args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kiln replay: error: {e}");
+                1
+            }
+        },
         Command::Bench(args) => match crate::bench::run_bench(&args) {
             Ok(report) => {
                 if args.json {

@@ -42,7 +42,10 @@ impl std::fmt::Display for FrameError {
             FrameError::BadMagic { found } => write!(f, "bad frame magic {found:#010x}"),
             FrameError::TooLong { len } => write!(f, "frame length {len} above limit"),
             FrameError::BadChecksum { stored, computed } => {
-                write!(f, "frame crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}")
+                write!(
+                    f,
+                    "frame crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}"
+                )
             }
             FrameError::Decode(e) => write!(f, "frame payload does not decode: {e}"),
         }
@@ -59,7 +62,10 @@ fn frame_crc(len: u32, seq: u64, payload: &[u8]) -> u32 {
 
 /// Appends one frame holding `payload` to `out`.
 pub fn encode_raw(magic: u32, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= FRAME_PAYLOAD_BYTES_MAX, "frame payload too large");
+    assert!(
+        payload.len() <= FRAME_PAYLOAD_BYTES_MAX,
+        "frame payload too large"
+    );
     let len = payload.len() as u32;
     out.extend_from_slice(&magic.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
@@ -70,7 +76,8 @@ pub fn encode_raw(magic: u32, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 
 /// Appends one frame holding the postcard encoding of `record` to `out`.
 pub fn encode<T: Serialize>(magic: u32, seq: u64, record: &T, out: &mut Vec<u8>) {
-    let payload = postcard::to_allocvec(record).expect("postcard encoding of an in-memory record cannot fail");
+    let payload = postcard::to_allocvec(record)
+        .expect("postcard encoding of an in-memory record cannot fail");
     encode_raw(magic, seq, &payload, out);
 }
 
@@ -118,11 +125,23 @@ mod tests {
         let mut out = Vec::new();
         encode(0x4b4c_4e4a, 7, &(1u64, "chunk".to_string()), &mut out);
         let (seq, rec, used): (u64, (u64, String), usize) = decode(0x4b4c_4e4a, &out).unwrap();
-        assert_eq!((seq, rec.0, rec.1.as_str(), used), (7, 1, "chunk", out.len()));
-        assert!(matches!(decode_raw(0x1234, &out), Err(FrameError::BadMagic { .. })));
-        assert_eq!(decode_raw(0x4b4c_4e4a, &out[..out.len() - 1]).unwrap_err(), FrameError::Truncated);
+        assert_eq!(
+            (seq, rec.0, rec.1.as_str(), used),
+            (7, 1, "chunk", out.len())
+        );
+        assert!(matches!(
+            decode_raw(0x1234, &out),
+            Err(FrameError::BadMagic { .. })
+        ));
+        assert_eq!(
+            decode_raw(0x4b4c_4e4a, &out[..out.len() - 1]).unwrap_err(),
+            FrameError::Truncated
+        );
         let mut torn = out.clone();
         *torn.last_mut().unwrap() ^= 1;
-        assert!(matches!(decode_raw(0x4b4c_4e4a, &torn), Err(FrameError::BadChecksum { .. })));
+        assert!(matches!(
+            decode_raw(0x4b4c_4e4a, &torn),
+            Err(FrameError::BadChecksum { .. })
+        ));
     }
 }

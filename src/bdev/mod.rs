@@ -260,3 +260,47 @@ pub fn open(spec_text: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
     let spec = spec::DeviceSpec::parse(spec_text)?;
     spec.open()
 }
+
+/// Submits one request and waits for it, off the hot path (metadata thread,
+/// tools, tests). Sleeps on the channel's notifier fd or deadline rather than
+/// spinning. Other completions that arrive meanwhile are a bug here: the
+/// channel must be used by this caller only.
+///
+/// # Safety
+/// As for [`IoChannel::submit`]; the buffer only needs to live until this returns.
+pub unsafe fn submit_and_wait(chan: &mut dyn IoChannel, req: &IoRequest) -> i32 {
+    loop {
+        // SAFETY: the caller's obligations are passed through.
+        match unsafe { chan.submit(req) } {
+            Ok(()) => break,
+            Err(SubmitError::QueueFull) => {
+                let mut out = [Completion::default(); 1];
+                chan.submit_pending();
+                let _ = chan.poll_completions(&mut out);
+                std::thread::yield_now();
+            }
+            Err(e) => return -e.errno(),
+        }
+    }
+    let mut out = [Completion::default(); 1];
+    loop {
+        chan.submit_pending();
+        if chan.poll_completions(&mut out) == 1 {
+            assert_eq!(out[0].tag, req.tag, "submit_and_wait on a shared channel");
+            return out[0].result;
+        }
+        let timeout_ms = match chan.next_deadline_ns() {
+            Some(d) => (d.saturating_sub(crate::clock::now_ns()) / 1_000_000) as i32,
+            None => 10,
+        };
+        match chan.notifier_fd() {
+            Some(fd) => {
+                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, timeout_ms.clamp(0, 10)) };
+            }
+            None if timeout_ms > 0 => std::thread::sleep(std::time::Duration::from_micros(50)),
+            None => std::hint::spin_loop(),
+        }
+    }
+}

@@ -34,8 +34,17 @@ pub struct HeatCounters {
 impl HeatCounters {
     fn new(partitions: usize) -> Self {
         let lines = partitions.div_ceil(SLOTS_PER_LINE);
-        let mk = || (0..lines).map(|_| CounterLine::default()).collect::<Vec<_>>().into_boxed_slice();
-        HeatCounters { reads: mk(), writes: mk(), sequential: mk() }
+        let mk = || {
+            (0..lines)
+                .map(|_| CounterLine::default())
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        };
+        HeatCounters {
+            reads: mk(),
+            writes: mk(),
+            sequential: mk(),
+        }
     }
 
     #[inline(always)]
@@ -71,7 +80,13 @@ pub struct HeatConfig {
 
 impl Default for HeatConfig {
     fn default() -> Self {
-        HeatConfig { windows: 8, window_len: 1000, decay: 0.5, sample_shift: 0, reactors_max: 64 }
+        HeatConfig {
+            windows: 8,
+            window_len: 1000,
+            decay: 0.5,
+            sample_shift: 0,
+            reactors_max: 64,
+        }
     }
 }
 
@@ -142,7 +157,9 @@ impl HeatMap {
 
     /// Sum over the kept windows.
     pub fn sum_recent(&self, partition: usize) -> u64 {
-        (0..self.windows).map(|a| u64::from(self.recent(partition, a))).sum()
+        (0..self.windows)
+            .map(|a| u64::from(self.recent(partition, a)))
+            .sum()
     }
 
     /// Fraction of the latest window's accesses that were writes.
@@ -180,10 +197,19 @@ pub struct HeatSampler {
 impl HeatSampler {
     /// A sampler over `partitions` partitions.
     pub fn new(partitions: usize, cfg: HeatConfig) -> Self {
-        assert!(partitions > 0 && partitions <= u32::MAX as usize, "bad partition count");
+        assert!(
+            partitions > 0 && partitions <= u32::MAX as usize,
+            "bad partition count"
+        );
         assert!(cfg.windows > 0, "need at least one window");
-        assert!(cfg.decay > 0.0 && cfg.decay < 1.0, "decay must be in (0, 1)");
-        assert!(cfg.sample_shift < 16, "sample_shift above 15 makes counts meaningless");
+        assert!(
+            cfg.decay > 0.0 && cfg.decay < 1.0,
+            "decay must be in (0, 1)"
+        );
+        assert!(
+            cfg.sample_shift < 16,
+            "sample_shift above 15 makes counts meaningless"
+        );
         let map = HeatMap {
             partitions,
             windows: cfg.windows,
@@ -198,7 +224,9 @@ impl HeatSampler {
             cfg,
             partitions,
             reactors: (0..cfg.reactors_max).map(|_| None).collect(),
-            claimed: (0..cfg.reactors_max).map(|_| AtomicBool::new(false)).collect(),
+            claimed: (0..cfg.reactors_max)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             last: Vec::new(),
             map,
         }
@@ -206,7 +234,10 @@ impl HeatSampler {
 
     /// The recorder of reactor `reactor_id`; each id can be claimed once.
     pub fn handle(&mut self, reactor_id: usize) -> HeatRecorder {
-        assert!(reactor_id < self.cfg.reactors_max, "reactor id above reactors_max");
+        assert!(
+            reactor_id < self.cfg.reactors_max,
+            "reactor id above reactors_max"
+        );
         let was = self.claimed[reactor_id].swap(true, Ordering::AcqRel);
         assert!(!was, "reactor {reactor_id} already has a recorder");
         let counters = Arc::new(HeatCounters::new(self.partitions));
@@ -267,7 +298,13 @@ mod tests {
     #[test]
     fn counts_are_exact_under_concurrent_reactors() {
         let partitions = 100;
-        let mut s = HeatSampler::new(partitions, HeatConfig { windows: 4, ..Default::default() });
+        let mut s = HeatSampler::new(
+            partitions,
+            HeatConfig {
+                windows: 4,
+                ..Default::default()
+            },
+        );
         let threads = 4;
         let per_thread = 200_000u32;
         let mut recs: Vec<HeatRecorder> = (0..threads).map(|t| s.handle(t)).collect();
@@ -288,7 +325,11 @@ mod tests {
             for p in 0..partitions {
                 total += u64::from(m.reads[p] + m.writes[p]);
             }
-            assert_eq!(total, u64::from(per_thread) * threads as u64, "window {window}");
+            assert_eq!(
+                total,
+                u64::from(per_thread) * threads as u64,
+                "window {window}"
+            );
             for p in 0..partitions {
                 let mut want = [0u32; 3];
                 for t in 0..threads {
@@ -299,7 +340,11 @@ mod tests {
                         }
                     }
                 }
-                assert_eq!([m.reads[p], m.writes[p], m.sequential[p]], want, "partition {p}");
+                assert_eq!(
+                    [m.reads[p], m.writes[p], m.sequential[p]],
+                    want,
+                    "partition {p}"
+                );
                 assert_eq!(m.recent(p, 0), want[0] + want[1]);
             }
         }
@@ -309,7 +354,10 @@ mod tests {
 
     #[test]
     fn sampling_scales_counts() {
-        let cfg = HeatConfig { sample_shift: 2, ..Default::default() };
+        let cfg = HeatConfig {
+            sample_shift: 2,
+            ..Default::default()
+        };
         let mut s = HeatSampler::new(4, cfg);
         let r = s.handle(0);
         for _ in 0..400 {

@@ -28,7 +28,11 @@ pub struct PredictBench {
 
 impl std::fmt::Display for PredictBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "# LSTM cost (hidden {}, {} windows per sequence)", self.hidden, self.seq_windows)?;
+        writeln!(
+            f,
+            "# LSTM cost (hidden {}, {} windows per sequence)",
+            self.hidden, self.seq_windows
+        )?;
         writeln!(
             f,
             "inference: {:.0} ns per partition (batch of {} partitions, {} steps each)",
@@ -45,7 +49,11 @@ impl std::fmt::Display for PredictBench {
             self.volume_partitions, self.window_ms, self.retrain_windows
         )?;
         writeln!(f, "  training   {:.3}% of one core", self.train_core_pct)?;
-        write!(f, "  inference  {:.2}% of one core (all partitions every window)", self.inference_core_pct)
+        write!(
+            f,
+            "  inference  {:.2}% of one core (all partitions every window)",
+            self.inference_core_pct
+        )
     }
 }
 
@@ -57,7 +65,9 @@ pub fn run_default() -> PredictBench {
     let mut rng = Rng::new(1);
     let m = Lstm::new(FEATURES, cfg.hidden, 3);
     let batch = 65_536;
-    let xs_inf: Vec<f32> = (0..batch * cfg.seq_windows * FEATURES).map(|_| rng.unit() as f32).collect();
+    let xs_inf: Vec<f32> = (0..batch * cfg.seq_windows * FEATURES)
+        .map(|_| rng.unit() as f32)
+        .collect();
     let fast = FastLstm::from_model(&m);
     let per = cfg.seq_windows * FEATURES;
     let mut best = f64::MAX;

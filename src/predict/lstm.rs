@@ -59,7 +59,12 @@ impl LstmGrads {
 
     /// Global L2 norm.
     pub fn norm(&mut self) -> f64 {
-        self.slices_mut().iter().flat_map(|s| s.iter()).map(|x| x * x).sum::<f64>().sqrt()
+        self.slices_mut()
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
     }
 }
 
@@ -129,7 +134,15 @@ impl Lstm {
         let mut b = Array1::zeros(4 * hidden);
         b.slice_mut(s![hidden..2 * hidden]).fill(1.0);
         let wy = Array1::from_shape_fn(hidden, rnd);
-        Lstm { input, hidden, wx, wh, b, wy, by: Array1::zeros(1) }
+        Lstm {
+            input,
+            hidden,
+            wx,
+            wh,
+            b,
+            wy,
+            by: Array1::zeros(1),
+        }
     }
 
     fn slices_mut(&mut self) -> [&mut [f64]; 5] {
@@ -175,7 +188,12 @@ impl Lstm {
 
     /// One inference step for a batch: updates `h` and `c` (`B x H`) in place and returns the
     /// predicted probability per row.
-    pub fn step(&self, x: ArrayView2<f64>, h: &mut Array2<f64>, c: &mut Array2<f64>) -> Array1<f64> {
+    pub fn step(
+        &self,
+        x: ArrayView2<f64>,
+        h: &mut Array2<f64>,
+        c: &mut Array2<f64>,
+    ) -> Array1<f64> {
         assert_eq!(x.ncols(), self.input, "feature width");
         let sc = self.step_full(x, h, c);
         let c_new = &sc.f * &sc.c_prev + &sc.i * &sc.g;
@@ -256,10 +274,14 @@ impl Lstm {
             let df = &dc * &sc.c_prev;
             dc_next = &dc * &sc.f;
             let mut dz = Array2::zeros((b, 4 * hd));
-            dz.slice_mut(s![.., 0..hd]).assign(&(&di * &sc.i.mapv(|v| v * (1.0 - v))));
-            dz.slice_mut(s![.., hd..2 * hd]).assign(&(&df * &sc.f.mapv(|v| v * (1.0 - v))));
-            dz.slice_mut(s![.., 2 * hd..3 * hd]).assign(&(&dg * &sc.g.mapv(|v| 1.0 - v * v)));
-            dz.slice_mut(s![.., 3 * hd..4 * hd]).assign(&(&d_o * &sc.o.mapv(|v| v * (1.0 - v))));
+            dz.slice_mut(s![.., 0..hd])
+                .assign(&(&di * &sc.i.mapv(|v| v * (1.0 - v))));
+            dz.slice_mut(s![.., hd..2 * hd])
+                .assign(&(&df * &sc.f.mapv(|v| v * (1.0 - v))));
+            dz.slice_mut(s![.., 2 * hd..3 * hd])
+                .assign(&(&dg * &sc.g.mapv(|v| 1.0 - v * v)));
+            dz.slice_mut(s![.., 3 * hd..4 * hd])
+                .assign(&(&d_o * &sc.o.mapv(|v| v * (1.0 - v))));
             g.wx += &dz.t().dot(&sc.x);
             g.wh += &dz.t().dot(&sc.h_prev);
             g.b += &dz.sum_axis(Axis(0));
@@ -276,7 +298,11 @@ impl Lstm {
         params.extend(self.b.iter());
         params.extend(self.wy.iter());
         params.push(self.by[0]);
-        LstmState { input: self.input, hidden: self.hidden, params }
+        LstmState {
+            input: self.input,
+            hidden: self.hidden,
+            params,
+        }
     }
 
     /// Rebuilds a model from its state.
@@ -426,7 +452,11 @@ impl Adam {
     /// Clips `g` to `clip_norm` and applies one Adam step to `model`. Returns the pre-clip norm.
     pub fn step(&mut self, model: &mut Lstm, g: &mut LstmGrads) -> f64 {
         let norm = g.norm();
-        let scale = if norm > self.clip_norm { self.clip_norm / norm } else { 1.0 };
+        let scale = if norm > self.clip_norm {
+            self.clip_norm / norm
+        } else {
+            1.0
+        };
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -468,6 +498,7 @@ mod tests {
         let analytic: Vec<Vec<f64>> = g.slices_mut().iter().map(|s| s.to_vec()).collect();
         let mut worst = 0.0f64;
         for (a, grad) in analytic.iter().enumerate() {
+            #[allow(clippy::needless_range_loop)]
             for k in 0..grad.len() {
                 let orig = m.slices_mut()[a][k];
                 m.slices_mut()[a][k] = orig + eps;
@@ -509,8 +540,9 @@ mod tests {
         let fast = FastLstm::from_model(&m);
         let y = m.forward(&xs);
         for r in 0..4 {
-            let rows: Vec<Vec<f32>> =
-                (0..t).map(|k| (0..2).map(|f| xs[[r, k, f]] as f32).collect()).collect();
+            let rows: Vec<Vec<f32>> = (0..t)
+                .map(|k| (0..2).map(|f| xs[[r, k, f]] as f32).collect())
+                .collect();
             let yf = fast.run(rows.iter().map(|v| v.as_slice()));
             assert!((f64::from(yf) - y[[r, t - 1]]).abs() < 1e-3);
         }

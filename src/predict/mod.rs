@@ -45,7 +45,10 @@ pub struct EwmaPredictor {
 impl EwmaPredictor {
     pub fn new(partitions: usize, alpha: f32) -> Self {
         assert!(alpha > 0.0 && alpha <= 1.0);
-        EwmaPredictor { alpha, score: vec![0.0; partitions] }
+        EwmaPredictor {
+            alpha,
+            score: vec![0.0; partitions],
+        }
     }
 }
 
@@ -187,7 +190,10 @@ impl BackgroundTrainer {
                 }
             })
             .expect("spawn trainer thread");
-        BackgroundTrainer { tx: Some(tx), join: Some(join) }
+        BackgroundTrainer {
+            tx: Some(tx),
+            join: Some(join),
+        }
     }
 
     /// Offers a job; returns false when the trainer is still busy with the previous one.
@@ -238,7 +244,11 @@ impl AnomalyDetector {
             self.mean = total;
         }
         let resid = total - self.mean;
-        let z = if self.var > 0.0 { resid / self.var.sqrt() } else { 0.0 };
+        let z = if self.var > 0.0 {
+            resid / self.var.sqrt()
+        } else {
+            0.0
+        };
         let burst = self.seen >= 4 && z > self.z_threshold;
         if burst {
             self.bursts += 1;
@@ -360,7 +370,9 @@ impl LstmPredictor {
             ewma_slow: vec![0.0; partitions],
             age: vec![64; partitions],
             markov: MarkovPredictor::new(partitions),
-            hist: (0..ring).map(|_| Array2::zeros((partitions, FEATURES))).collect(),
+            hist: (0..ring)
+                .map(|_| Array2::zeros((partitions, FEATURES)))
+                .collect(),
             hist_counts: (0..ring).map(|_| vec![0; partitions]).collect(),
             windows: 0,
             score: vec![0.0; partitions],
@@ -462,7 +474,11 @@ impl Predictor for LstmPredictor {
         }
         let total: f64 = w.counts.iter().map(|&c| f64::from(c)).sum();
         let (_, burst) = self.anomaly.observe(total);
-        let af = if self.anomaly.boost_windows_left > 0 { 0.8 } else { 0.5 };
+        let af = if self.anomaly.boost_windows_left > 0 {
+            0.8
+        } else {
+            0.5
+        };
         self.markov.observe(w);
         self.windows += 1;
         let s = self.slot(0);
@@ -471,7 +487,11 @@ impl Predictor for LstmPredictor {
             let c = w.counts[p] as f32;
             self.ewma_fast[p] = af * c + (1.0 - af) * self.ewma_fast[p];
             self.ewma_slow[p] = 0.1 * c + 0.9 * self.ewma_slow[p];
-            self.age[p] = if c > 0.0 { 0 } else { (self.age[p] + 1).min(64) };
+            self.age[p] = if c > 0.0 {
+                0
+            } else {
+                (self.age[p] + 1).min(64)
+            };
             let n = w.counts[p].max(1) as f32;
             let f = [
                 (c.ln_1p() / 4.0),
@@ -494,7 +514,11 @@ impl Predictor for LstmPredictor {
         if due || drift || burst || self.retrains == 0 {
             let t0 = std::time::Instant::now();
             if let Some(job) = self.build_job() {
-                let steps = if self.retrains == 0 { self.cfg.train_steps * 4 } else { self.cfg.train_steps };
+                let steps = if self.retrains == 0 {
+                    self.cfg.train_steps * 4
+                } else {
+                    self.cfg.train_steps
+                };
                 train_and_swap(&self.model, &mut self.opt, &job, steps);
                 self.retrains += 1;
                 self.drift_retrains += u64::from(drift && !due);
@@ -533,7 +557,11 @@ mod tests {
     #[test]
     fn lstm_predictor_learns_periodic_partitions() {
         let parts = 64;
-        let cfg = LstmConfig { hidden: 8, train_steps: 20, ..Default::default() };
+        let cfg = LstmConfig {
+            hidden: 8,
+            train_steps: 20,
+            ..Default::default()
+        };
         let mut lp = LstmPredictor::new(parts, cfg);
         let zeros = vec![0u32; parts];
         let mut hits = 0;
@@ -547,7 +575,12 @@ mod tests {
                 let predicted_hot = (0..32).filter(|&p| s[p] > 0.5).count();
                 hits += predicted_hot;
             }
-            let obs = WindowObs { counts: &counts, writes: &zeros, sequential: &zeros, transitions: &[] };
+            let obs = WindowObs {
+                counts: &counts,
+                writes: &zeros,
+                sequential: &zeros,
+                transitions: &[],
+            };
             lp.observe(&obs);
         }
         // Over 20 windows: 16 always-hot + 16 hot in half of them.

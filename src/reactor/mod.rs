@@ -122,6 +122,12 @@ impl ReactorHandle {
         ok
     }
 
+    /// Wakes the reactor if it is parked (after feeding one of its own queues).
+    #[inline]
+    pub fn wake(&self) {
+        self.parker.wake();
+    }
+
     /// Runs `f` on the reactor and waits for its result.
     pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut Reactor) -> R + Send + 'static) -> Option<R> {
         let (tx, rx) = crossbeam_channel::bounded(1);

@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use trace::{Trace, TraceFormat};
 
 /// Policies `--policy` accepts.
-pub const POLICY_NAMES: [&str; 9] =
-    ["lru", "arc", "lirs", "s3fifo", "sieve", "belady", "ewma", "markov", "kiln"];
+pub const POLICY_NAMES: [&str; 9] = [
+    "lru", "arc", "lirs", "s3fifo", "sieve", "belady", "ewma", "markov", "kiln",
+];
 
 /// Arguments of `kiln replay`.
 #[derive(clap::Args, Debug, Clone)]
@@ -57,6 +58,12 @@ pub struct ReplayArgs {
     /// Requests per heat window (0: requests / 400, at least 1000).
     #[arg(long, default_value_t = 0)]
     pub window_requests: u64,
+    /// kiln: prefetch only into partitions with at least this predicted access probability.
+    #[arg(long, default_value_t = 0.0)]
+    pub kiln_prefetch_min_prob: f32,
+    /// kiln: admit first-touch pages only into partitions with at least this probability.
+    #[arg(long, default_value_t = 0.5)]
+    pub kiln_admit_min_prob: f32,
     /// Also report precision@k of next-window hot-partition prediction (LSTM, EWMA, Markov).
     #[arg(long)]
     pub report_precision: bool,
@@ -85,9 +92,21 @@ pub fn make_policy(
         "sieve" => Box::new(policy::Sieve::new(n, fast_pages)),
         "belady" => Box::new(policy::Belady::new(trace, fast_pages, true)),
         "ewma" => Box::new(predictors::EwmaPolicy::new(n, fast_pages)),
-        "markov" => Box::new(predictors::MarkovPolicy::new(n, fast_pages, args.prefetch_budget_pages)),
-        "kiln" => Box::new(kiln::KilnPolicy::new(trace, fast_pages, &kiln_config(trace, args))),
-        other => return Err(format!("unknown policy {other:?} (one of {POLICY_NAMES:?} or all)")),
+        "markov" => Box::new(predictors::MarkovPolicy::new(
+            n,
+            fast_pages,
+            args.prefetch_budget_pages,
+        )),
+        "kiln" => Box::new(kiln::KilnPolicy::new(
+            trace,
+            fast_pages,
+            &kiln_config(trace, args),
+        )),
+        other => {
+            return Err(format!(
+                "unknown policy {other:?} (one of {POLICY_NAMES:?} or all)"
+            ))
+        }
     })
 }
 
@@ -97,6 +116,8 @@ pub fn kiln_config(trace: &Trace, args: &ReplayArgs) -> kiln::KilnConfig {
         prefetch_budget_pages: args.prefetch_budget_pages,
         partition_pages: args.partition_pages,
         window_requests: window_requests_for(trace, args.window_requests),
+        prefetch_min_prob: args.kiln_prefetch_min_prob,
+        admit_min_prob: args.kiln_admit_min_prob,
         ..kiln::KilnConfig::default()
     }
 }
@@ -115,9 +136,9 @@ fn progress_bar(total: usize, label: String) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let pb = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg:>22} [{bar:40}] {pos}/{len} requests ({eta})",
-    ) {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg:>22} [{bar:40}] {pos}/{len} requests ({eta})")
+    {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_message(label);
@@ -133,7 +154,10 @@ pub fn run_one(
 ) -> Result<ReplayReport, String> {
     let fast_pages = fast_pages_for(trace.unique_pages(), fast_ratio);
     let mut pol = make_policy(name, trace, fast_pages, args)?;
-    let lat = TierLatency { fast_us: args.fast_latency_us, capacity_us: args.capacity_latency_us };
+    let lat = TierLatency {
+        fast_us: args.fast_latency_us,
+        capacity_us: args.capacity_latency_us,
+    };
     let pb = progress_bar(trace.requests(), format!("{name} @ {fast_ratio}"));
     let mut tick = |r: usize| {
         if let Some(pb) = &pb {
@@ -194,8 +218,9 @@ pub fn format_table(reports: &[ReplayReport]) -> String {
 fn parse_reference(s: &str) -> Result<Vec<(String, [f64; 3])>, String> {
     let mut out = Vec::new();
     for item in s.split(',').filter(|x| !x.trim().is_empty()) {
-        let (name, vals) =
-            item.split_once('=').ok_or_else(|| format!("bad reference item {item:?}"))?;
+        let (name, vals) = item
+            .split_once('=')
+            .ok_or_else(|| format!("bad reference item {item:?}"))?;
         let v: Vec<f64> = vals
             .split('/')
             .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
@@ -213,7 +238,10 @@ pub fn run(args: &ReplayArgs) -> Result<(), String> {
     if args.bench_predict {
         let rep = crate::predict::bench::run_default();
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
+            );
         } else {
             println!("{rep}");
         }
@@ -235,7 +263,11 @@ pub fn run(args: &ReplayArgs) -> Result<(), String> {
             "# trace {} ({:?}{}): {} requests, {} page refs, {} unique pages, loaded in {:.2}s",
             path.display(),
             args.format,
-            if args.object_level { ", object-level" } else { "" },
+            if args.object_level {
+                ", object-level"
+            } else {
+                ""
+            },
             trace.requests(),
             trace.pages.len(),
             trace.unique_pages(),
@@ -253,13 +285,20 @@ pub fn run(args: &ReplayArgs) -> Result<(), String> {
     }
     let precision = if args.report_precision {
         let w = window_requests_for(&trace, args.window_requests);
-        Some(predictors::precision_report(&trace, args.partition_pages, w))
+        Some(predictors::precision_report(
+            &trace,
+            args.partition_pages,
+            w,
+        ))
     } else {
         None
     };
     if args.json {
         let v = serde_json::json!({ "reports": reports, "precision": precision });
-        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
     } else {
         print!("{}", format_table(&reports));
         if let Some(p) = precision {
@@ -275,13 +314,20 @@ fn check_reference(trace: &Trace, reference: &str, args: &ReplayArgs) -> Result<
     let mut worst = 0.0f64;
     let mut failed = Vec::new();
     let mut rows = Vec::new();
-    println!("{:<8} {:>24} {:>24} {:>8}", "policy", "kiln 1%/5%/10%", "reference", "max_err");
+    println!(
+        "{:<8} {:>24} {:>24} {:>8}",
+        "policy", "kiln 1%/5%/10%", "reference", "max_err"
+    );
     for (name, want) in &refs {
         let mut got = [0.0; 3];
         for (i, &r) in ratios.iter().enumerate() {
             got[i] = run_one(trace, name, r, args)?.miss_ratio;
         }
-        let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         worst = worst.max(err);
         let tol_ok = err <= 0.005;
         println!(
@@ -306,7 +352,10 @@ fn check_reference(trace: &Trace, reference: &str, args: &ReplayArgs) -> Result<
             .iter()
             .map(|(n, g, w, e)| serde_json::json!({"policy": n, "got": g, "reference": w, "max_err": e}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
     }
     println!("# worst abs error {worst:.4}");
     if failed.is_empty() {

@@ -46,14 +46,21 @@ pub struct List {
 
 impl Default for List {
     fn default() -> Self {
-        List { head: NIL, tail: NIL, len: 0 }
+        List {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
     }
 }
 
 impl Links {
     /// Links for pages `0..n`.
     pub fn new(n: usize) -> Self {
-        Links { prev: vec![NIL; n], next: vec![NIL; n] }
+        Links {
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+        }
     }
 
     /// Inserts `x` at the head of `l`.
@@ -123,14 +130,22 @@ pub struct Lru {
 impl Lru {
     pub fn new(n: usize, cap: usize) -> Self {
         assert!(cap > 0, "fast tier must hold at least one page");
-        Lru { cap, links: Links::new(n), list: List::default(), resident: vec![false; n] }
+        Lru {
+            cap,
+            links: Links::new(n),
+            list: List::default(),
+            resident: vec![false; n],
+        }
     }
 
     /// Inserts a page that is not resident at the head, evicting the tail when full.
     pub fn insert(&mut self, page: u32) {
         debug_assert!(!self.resident[page as usize]);
         if self.list.len >= self.cap {
-            let v = self.links.pop_tail(&mut self.list).expect("full list has a tail");
+            let v = self
+                .links
+                .pop_tail(&mut self.list)
+                .expect("full list has a tail");
             self.resident[v as usize] = false;
         }
         self.links.push_head(&mut self.list, page);
@@ -379,7 +394,10 @@ impl Policy for Lirs {
         "lirs"
     }
     fn contains(&self, page: u32) -> bool {
-        matches!(self.state[page as usize], LirsState::Lir | LirsState::HirResident)
+        matches!(
+            self.state[page as usize],
+            LirsState::Lir | LirsState::HirResident
+        )
     }
     fn access(&mut self, x: u32, _pos: usize) -> bool {
         let xi = x as usize;
@@ -412,8 +430,11 @@ impl Policy for Lirs {
                 }
                 if self.q.len >= self.hir_cap {
                     let v = self.q_links.pop_tail(&mut self.q).expect("full queue");
-                    self.state[v as usize] =
-                        if self.in_s[v as usize] { LirsState::HirGhost } else { LirsState::None };
+                    self.state[v as usize] = if self.in_s[v as usize] {
+                        LirsState::HirGhost
+                    } else {
+                        LirsState::None
+                    };
                 }
                 if st == LirsState::HirGhost && self.in_s[xi] {
                     self.state[xi] = LirsState::Lir;
@@ -609,7 +630,11 @@ impl Policy for Sieve {
             return false;
         }
         if self.list.len >= self.cap {
-            let mut o = if self.hand != NIL { self.hand } else { self.list.tail };
+            let mut o = if self.hand != NIL {
+                self.hand
+            } else {
+                self.list.tail
+            };
             while self.visited[o as usize] {
                 self.visited[o as usize] = false;
                 o = self.links.newer(o);
@@ -710,7 +735,8 @@ impl Policy for Belady {
         self.len += 1;
         if self.heap.len() > 8 * self.cap + 1024 {
             let (cur, res) = (&self.cur, &self.resident);
-            self.heap.retain(|&(n, p)| res[p as usize] && cur[p as usize] == n);
+            self.heap
+                .retain(|&(n, p)| res[p as usize] && cur[p as usize] == n);
         }
         true
     }

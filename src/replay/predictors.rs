@@ -3,7 +3,9 @@
 
 use super::policy::{Lru, Policy};
 use super::trace::Trace;
-use crate::predict::{EwmaPredictor, LstmConfig, LstmPredictor, MarkovPredictor, Predictor, WindowObs};
+use crate::predict::{
+    EwmaPredictor, LstmConfig, LstmPredictor, MarkovPredictor, Predictor, WindowObs,
+};
 
 /// Per-page EWMA heat with decay in virtual time; evicts the coldest of 16 sampled pages.
 pub struct EwmaPolicy {
@@ -89,7 +91,12 @@ pub struct MarkovPolicy {
 
 impl MarkovPolicy {
     pub fn new(n: usize, cap: usize, budget_pages: u32) -> Self {
-        MarkovPolicy { lru: Lru::new(n, cap), succ: vec![u32::MAX; n], prev_last: u32::MAX, budget_pages }
+        MarkovPolicy {
+            lru: Lru::new(n, cap),
+            succ: vec![u32::MAX; n],
+            prev_last: u32::MAX,
+            budget_pages,
+        }
     }
 }
 
@@ -146,8 +153,11 @@ pub struct PartitionWindows {
 impl PartitionWindows {
     pub fn new(trace: &Trace, partition_pages: u32) -> Self {
         assert!(partition_pages > 0);
-        let raw_part: Vec<u64> =
-            trace.raw_pages.iter().map(|&r| r / u64::from(partition_pages)).collect();
+        let raw_part: Vec<u64> = trace
+            .raw_pages
+            .iter()
+            .map(|&r| r / u64::from(partition_pages))
+            .collect();
         let mut part_of = Vec::with_capacity(raw_part.len());
         let mut next = 0u32;
         for (i, &rp) in raw_part.iter().enumerate() {
@@ -156,7 +166,11 @@ impl PartitionWindows {
             }
             part_of.push(next);
         }
-        let partitions = if part_of.is_empty() { 0 } else { next as usize + 1 };
+        let partitions = if part_of.is_empty() {
+            0
+        } else {
+            next as usize + 1
+        };
         PartitionWindows {
             part_of,
             partitions,
@@ -194,7 +208,12 @@ impl PartitionWindows {
 
     /// The window so far.
     pub fn obs(&self) -> WindowObs<'_> {
-        WindowObs { counts: &self.counts, writes: &self.writes, sequential: &self.seq, transitions: &self.trans }
+        WindowObs {
+            counts: &self.counts,
+            writes: &self.writes,
+            sequential: &self.seq,
+            transitions: &self.trans,
+        }
     }
 
     /// Starts a new window.
@@ -215,11 +234,18 @@ pub fn precision_at_k(scores: &[f32], next_counts: &[u32]) -> (u64, u64) {
     }
     let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
     // Ties broken by index so the result is deterministic.
-    let cmp = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
     }
-    let hits = idx[..k].iter().filter(|&&p| next_counts[p as usize] > 0).count();
+    let hits = idx[..k]
+        .iter()
+        .filter(|&&p| next_counts[p as usize] > 0)
+        .count();
     (hits as u64, k as u64)
 }
 
@@ -237,7 +263,7 @@ pub fn precision_report(trace: &Trace, partition_pages: u32, window_requests: u6
     let warmup = 8;
     for r in 0..trace.requests() {
         pw.add(trace, r);
-        if (r as u64 + 1) % window_requests == 0 {
+        if (r as u64 + 1).checked_rem(window_requests) == Some(0) {
             let obs = pw.obs();
             if windows >= warmup {
                 for (p, t) in preds.iter().zip(tallies.iter_mut()) {
@@ -258,7 +284,11 @@ pub fn precision_report(trace: &Trace, partition_pages: u32, window_requests: u6
         n, partition_pages, windows, window_requests, warmup
     );
     for (p, t) in preds.iter().zip(&tallies) {
-        s += &format!("{:<8} precision@k {:.4}\n", p.name(), t.0 as f64 / t.1.max(1) as f64);
+        s += &format!(
+            "{:<8} precision@k {:.4}\n",
+            p.name(),
+            t.0 as f64 / t.1.max(1) as f64
+        );
     }
     s
 }

@@ -29,7 +29,10 @@ pub struct ReplayReport {
 
 /// Fast-tier size in pages for a ratio of the working set (libCacheSim truncates).
 pub fn fast_pages_for(unique_pages: usize, fast_ratio: f64) -> usize {
-    assert!(fast_ratio > 0.0 && fast_ratio <= 1.0, "fast ratio must be in (0, 1]");
+    assert!(
+        fast_ratio > 0.0 && fast_ratio <= 1.0,
+        "fast ratio must be in (0, 1]"
+    );
     ((unique_pages as f64 * fast_ratio) as usize).max(2)
 }
 
@@ -63,7 +66,11 @@ pub fn replay(
     let miss_ratio = misses as f64 / n_req.max(1) as f64;
     let mean = lat.fast_us * (1.0 - miss_ratio) + lat.capacity_us * miss_ratio;
     // p99 of a two-point distribution: the slow tier as soon as more than 1% of requests miss.
-    let p99 = if misses * 100 > n_req as u64 { lat.capacity_us } else { lat.fast_us };
+    let p99 = if misses * 100 > n_req as u64 {
+        lat.capacity_us
+    } else {
+        lat.fast_us
+    };
     ReplayReport {
         policy: policy.name().to_string(),
         fast_ratio,

@@ -79,7 +79,11 @@ impl Trace {
             .iter()
             .map(|p| uniq.binary_search(p).expect("page is in its own set") as u32)
             .collect();
-        let mut req_start = Vec::with_capacity(if object_level { total + 1 } else { raw.len() + 1 });
+        let mut req_start = Vec::with_capacity(if object_level {
+            total + 1
+        } else {
+            raw.len() + 1
+        });
         let mut writes = Vec::with_capacity(req_start.capacity());
         let mut at = 0u32;
         req_start.push(0);
@@ -97,7 +101,12 @@ impl Trace {
             }
         }
         assert_eq!(at as usize, pages.len());
-        Trace { req_start, pages, raw_pages: uniq, writes }
+        Trace {
+            req_start,
+            pages,
+            raw_pages: uniq,
+            writes,
+        }
     }
 }
 
@@ -161,23 +170,37 @@ pub fn parse_reader(mut r: impl Read, format: TraceFormat) -> Result<Vec<RawRequ
             let mut buf = Vec::new();
             r.read_to_end(&mut buf).map_err(|e| e.to_string())?;
             if buf.len() % 4 != 0 {
-                return Err(format!("u32 trace length {} is not a multiple of 4", buf.len()));
+                return Err(format!(
+                    "u32 trace length {} is not a multiple of 4",
+                    buf.len()
+                ));
             }
             out.reserve(buf.len() / 4);
             for c in buf.chunks_exact(4) {
                 let block = u32::from_le_bytes(c.try_into().expect("4 bytes"));
-                out.push(RawRequest { page_first: u64::from(block), page_count: 1, is_write: false });
+                out.push(RawRequest {
+                    page_first: u64::from(block),
+                    page_count: 1,
+                    is_write: false,
+                });
             }
         }
         TraceFormat::Oracle => {
             let mut buf = Vec::new();
             r.read_to_end(&mut buf).map_err(|e| e.to_string())?;
             if buf.len() % 24 != 0 {
-                return Err(format!("oracle trace length {} is not a multiple of 24", buf.len()));
+                return Err(format!(
+                    "oracle trace length {} is not a multiple of 24",
+                    buf.len()
+                ));
             }
             for c in buf.chunks_exact(24) {
                 let obj = u64::from_le_bytes(c[4..12].try_into().expect("8 bytes"));
-                out.push(RawRequest { page_first: obj, page_count: 1, is_write: false });
+                out.push(RawRequest {
+                    page_first: obj,
+                    page_count: 1,
+                    is_write: false,
+                });
             }
         }
         TraceFormat::Arc | TraceFormat::Msr | TraceFormat::Csv => {
@@ -211,11 +234,16 @@ pub fn parse_reader(mut r: impl Read, format: TraceFormat) -> Result<Vec<RawRequ
                         if f[0].trim().parse::<u64>().is_err() && line_no == 1 {
                             continue; // header
                         }
-                        let is_write = parse_op(f[3]).map_err(|e| format!("line {line_no}: {e}"))?;
+                        let is_write =
+                            parse_op(f[3]).map_err(|e| format!("line {line_no}: {e}"))?;
                         let off: u64 = num(Some(f[4]), line_no, "offset")?;
                         let size: u64 = num(Some(f[5]), line_no, "size")?;
                         let (page_first, page_count) = pages_of_bytes(off, size);
-                        RawRequest { page_first, page_count, is_write }
+                        RawRequest {
+                            page_first,
+                            page_count,
+                            is_write,
+                        }
                     }
                     _ => {
                         let f: Vec<&str> = t.split(',').collect();
@@ -227,9 +255,14 @@ pub fn parse_reader(mut r: impl Read, format: TraceFormat) -> Result<Vec<RawRequ
                         }
                         let off: u64 = num(Some(f[1]), line_no, "offset")?;
                         let size: u64 = num(Some(f[2]), line_no, "size")?;
-                        let is_write = parse_op(f[3]).map_err(|e| format!("line {line_no}: {e}"))?;
+                        let is_write =
+                            parse_op(f[3]).map_err(|e| format!("line {line_no}: {e}"))?;
                         let (page_first, page_count) = pages_of_bytes(off, size);
-                        RawRequest { page_first, page_count, is_write }
+                        RawRequest {
+                            page_first,
+                            page_count,
+                            is_write,
+                        }
                     }
                 };
                 out.push(req);

@@ -1,0 +1,346 @@
+//! The TOML configuration: tiers, volumes, listeners, reactors.
+//!
+//! Unknown keys are errors, and every check names the file, the key and what
+//! is wrong, e.g. `kiln.toml: tier[1].capacity: 16GiB is larger than the
+//! device (8GiB)`. The embedded default is `configs/default.toml`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::reactor::PollMode;
+use crate::units::{format_size, parse_size};
+
+/// The embedded default configuration.
+pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub name: String,
+    pub device: String,
+    pub capacity: String,
+    pub cost_per_gib_month: f64,
+    pub read_latency_us: u64,
+    pub write_latency_us: u64,
+    pub bandwidth_mib_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub size: String,
+    /// Allocation unit of the volume's map (a partition's default size).
+    #[serde(default = "default_chunk")]
+    pub chunk_size: String,
+}
+
+fn default_chunk() -> String {
+    "1MiB".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    #[serde(default = "default_nbd_listen")]
+    pub listen: Vec<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests in flight per connection before the server stops reading.
+    #[serde(default = "default_queue_depth")]
+    pub max_queue_depth: usize,
+    /// Largest READ/WRITE payload (advertised as the maximum block size).
+    #[serde(default = "default_max_payload")]
+    pub max_payload: String,
+}
+
+fn default_nbd_listen() -> Vec<String> {
+    vec!["127.0.0.1:10809".into()]
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_queue_depth() -> usize {
+    128
+}
+fn default_max_payload() -> String {
+    "1MiB".into()
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: default_nbd_listen(),
+            max_connections: default_max_connections(),
+            max_queue_depth: default_queue_depth(),
+            max_payload: default_max_payload(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcConfig {
+    pub socket: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorSection {
+    #[serde(default = "default_cores")]
+    pub cores: Vec<usize>,
+    #[serde(default = "default_poll_mode")]
+    pub poll_mode: PollMode,
+    #[serde(default = "default_idle_spin")]
+    pub idle_spin_us: u64,
+}
+
+fn default_cores() -> Vec<usize> {
+    vec![0]
+}
+fn default_poll_mode() -> PollMode {
+    PollMode::Adaptive
+}
+fn default_idle_spin() -> u64 {
+    20
+}
+
+impl Default for ReactorSection {
+    fn default() -> Self {
+        ReactorSection { cores: default_cores(), poll_mode: default_poll_mode(), idle_spin_us: default_idle_spin() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(rename = "tier", default)]
+    pub tiers: Vec<TierConfig>,
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<VolumeConfig>,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    pub rpc: Option<RpcConfig>,
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub reactor: ReactorSection,
+}
+
+/// A tier after validation, sizes in bytes.
+#[derive(Debug, Clone)]
+pub struct TierPlan {
+    pub name: String,
+    pub device: String,
+    pub capacity_bytes: u64,
+    pub cost_per_gib_month: f64,
+    pub read_latency_us: u64,
+    pub write_latency_us: u64,
+    pub bandwidth_mib_s: u64,
+}
+
+/// A volume after validation.
+#[derive(Debug, Clone)]
+pub struct VolumePlan {
+    pub name: String,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub source: String,
+    pub tiers: Vec<TierPlan>,
+    pub volumes: Vec<VolumePlan>,
+    pub nbd: NbdConfig,
+    pub nbd_max_payload_bytes: u32,
+    pub rpc_socket: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub reactor: ReactorSection,
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+impl Config {
+    /// Parses TOML text; `source` names the file in messages.
+    pub fn parse(source: &str, text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| format!("{source}: {}", e.to_string().trim_end().replace('\n', " ")))
+    }
+
+    /// Loads a file, or the embedded default when `path` is None.
+    pub fn load(path: Option<&Path>) -> Result<(String, Config), String> {
+        match path {
+            None => Ok(("configs/default.toml (embedded)".into(), Config::parse("configs/default.toml", DEFAULT_TOML)?)),
+            Some(p) => {
+                let source = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| format!("{source}: cannot read: {e}"))?;
+                Ok((source.clone(), Config::parse(&source, &text)?))
+            }
+        }
+    }
+
+    /// Checks everything that can be checked without opening devices.
+    pub fn validate(&self, source: &str) -> Result<Plan, String> {
+        let err = |key: String, what: String| Err(format!("{source}: {key}: {what}"));
+        if self.tiers.is_empty() {
+            return err("tier".into(), "at least one [[tier]] is required".into());
+        }
+        let mut tiers = Vec::new();
+        for (i, t) in self.tiers.iter().enumerate() {
+            let key = |k: &str| format!("tier[{i}].{k}");
+            if !is_name(&t.name) {
+                return err(key("name"), format!("'{}' is not a valid name (letters, digits, - _ .)", t.name));
+            }
+            if tiers.iter().any(|x: &TierPlan| x.name == t.name) {
+                return err(key("name"), format!("duplicate tier name '{}'", t.name));
+            }
+            if let Err(e) = crate::bdev::spec::DeviceSpec::parse(&t.device) {
+                return err(key("device"), e.to_string());
+            }
+            let capacity_bytes = match parse_size(&t.capacity) {
+                Ok(0) => return err(key("capacity"), "must be above zero".into()),
+                Ok(c) => c,
+                Err(e) => return err(key("capacity"), e),
+            };
+            if !(t.cost_per_gib_month.is_finite() && t.cost_per_gib_month >= 0.0) {
+                return err(key("cost_per_gib_month"), format!("{} is not a non-negative number", t.cost_per_gib_month));
+            }
+            if t.bandwidth_mib_s == 0 {
+                return err(key("bandwidth_mib_s"), "must be above zero".into());
+            }
+            tiers.push(TierPlan {
+                name: t.name.clone(),
+                device: t.device.clone(),
+                capacity_bytes,
+                cost_per_gib_month: t.cost_per_gib_month,
+                read_latency_us: t.read_latency_us,
+                write_latency_us: t.write_latency_us,
+                bandwidth_mib_s: t.bandwidth_mib_s,
+            });
+        }
+        let mut volumes: Vec<VolumePlan> = Vec::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = |k: &str| format!("volume[{i}].{k}");
+            if !is_name(&v.name) {
+                return err(key("name"), format!("'{}' is not a valid name (letters, digits, - _ .)", v.name));
+            }
+            if volumes.iter().any(|x| x.name == v.name) {
+                return err(key("name"), format!("duplicate volume name '{}'", v.name));
+            }
+            let chunk_bytes = match parse_size(&v.chunk_size) {
+                Ok(c) if c >= 64 << 10 && c <= 64 << 20 && c.is_power_of_two() => c,
+                Ok(c) => {
+                    return err(
+                        key("chunk_size"),
+                        format!("{} must be a power of two between 64KiB and 64MiB", format_size(c)),
+                    )
+                }
+                Err(e) => return err(key("chunk_size"), e),
+            };
+            let size_bytes = match parse_size(&v.size) {
+                Ok(s) if s > 0 && s % chunk_bytes == 0 => s,
+                Ok(s) => {
+                    return err(
+                        key("size"),
+                        format!("{} must be a non-zero multiple of the chunk size {}", format_size(s), format_size(chunk_bytes)),
+                    )
+                }
+                Err(e) => return err(key("size"), e),
+            };
+            volumes.push(VolumePlan { name: v.name.clone(), size_bytes, chunk_bytes });
+        }
+        for (i, l) in self.nbd.listen.iter().enumerate() {
+            if let Err(e) = parse_listen(l) {
+                return err(format!("nbd.listen[{i}]"), e);
+            }
+        }
+        if self.nbd.max_connections == 0 {
+            return err("nbd.max_connections".into(), "must be above zero".into());
+        }
+        if self.nbd.max_queue_depth == 0 || self.nbd.max_queue_depth > 1024 {
+            return err("nbd.max_queue_depth".into(), "must be 1..=1024".into());
+        }
+        let nbd_max_payload_bytes = match parse_size(&self.nbd.max_payload) {
+            Ok(p) if (4096..=32 << 20).contains(&p) && p.is_power_of_two() => p as u32,
+            Ok(_) => return err("nbd.max_payload".into(), "must be a power of two between 4KiB and 32MiB".into()),
+            Err(e) => return err("nbd.max_payload".into(), e),
+        };
+        if self.reactor.cores.is_empty() {
+            return err("reactor.cores".into(), "at least one core is required".into());
+        }
+        let available = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(usize::MAX);
+        for &c in &self.reactor.cores {
+            if c >= available.max(1) {
+                return err("reactor.cores".into(), format!("core {c} does not exist (this machine has {available})"));
+            }
+        }
+        Ok(Plan {
+            source: source.to_string(),
+            tiers,
+            volumes,
+            nbd: self.nbd.clone(),
+            nbd_max_payload_bytes,
+            rpc_socket: self.rpc.as_ref().map(|r| r.socket.clone()),
+            metrics_listen: self.metrics.as_ref().map(|m| m.listen.clone()),
+            reactor: self.reactor.clone(),
+        })
+    }
+}
+
+/// Where an NBD listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err("unix: needs a path".into());
+        }
+        return Ok(Listen::Unix(p.into()));
+    }
+    s.parse().map(Listen::Tcp).map_err(|_| format!("'{s}' is not HOST:PORT or unix:PATH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let c = Config::parse("default", DEFAULT_TOML).unwrap();
+        let p = c.validate("default").unwrap();
+        assert_eq!(p.tiers.len(), 2);
+        assert_eq!(p.volumes[0].size_bytes, 4 << 30);
+        assert_eq!(p.nbd.listen.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let e = Config::parse("k.toml", "[[tier]]\nname='a'\ncolour='red'\n").unwrap_err();
+        assert!(e.starts_with("k.toml:") && e.contains("unknown field `colour`"), "{e}");
+        let base = |extra: &str| {
+            format!(
+                "[[tier]]\nname='fast'\ndevice='malloc:64M'\ncapacity='64M'\ncost_per_gib_month=0.1\nread_latency_us=1\nwrite_latency_us=1\nbandwidth_mib_s=100\n{extra}"
+            )
+        };
+        let v = |t: &str| Config::parse("k.toml", t).unwrap().validate("k.toml").unwrap_err();
+        assert!(v(&base("[[volume]]\nname='v'\nsize='3M'\n")).contains("volume[0].size"));
+        assert!(v(&base("[[volume]]\nname='v'\nsize='4M'\nchunk_size='3K'\n")).contains("chunk_size"));
+        assert!(v(&base("[nbd]\nlisten=['nowhere']\n")).contains("nbd.listen[0]"));
+        assert!(v("").contains("at least one [[tier]]"));
+        let e = v(&base("").replace("malloc:64M", "mallocc:64M"));
+        assert!(e.contains("tier[0].device") && e.contains("unknown device kind"), "{e}");
+    }
+}

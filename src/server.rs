@@ -1,0 +1,452 @@
+//! `kiln serve`: composes tiers, volumes, the metadata service, reactors,
+//! NBD listeners, JSON-RPC and metrics, and shuts them down in order.
+//!
+//! Shutdown on SIGINT/SIGTERM: stop accepting, drain every reactor (finish
+//! in-flight requests, flush replies), flush every tier, then write a final
+//! journal checkpoint and say so.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use serde_json::{json, Value};
+
+use crate::bdev::{self, BlockDevice};
+use crate::config::{parse_listen, Config, Listen, Plan};
+use crate::metrics::{Metrics, MetricsServer};
+use crate::reactor::{ReactorConfig, ReactorHandle, Reactors};
+use crate::rpc::{RpcError, RpcServer};
+use crate::target::nbd::{NbdLimits, NbdMsg, NbdPoller};
+use crate::target::nbd_proto::{ExportInfo, HandshakeConfig};
+use crate::volume::io::VolumeIo;
+use crate::volume::journal::{self, MetaRequest, MetaTier, TierUsage};
+use crate::volume::Volume;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Without it, the embedded configs/default.toml is used.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Everything the control plane needs to answer RPCs.
+pub struct Shared {
+    pub plan: Plan,
+    pub tiers: Vec<(String, Arc<dyn BlockDevice>)>,
+    pub usage: Vec<Arc<TierUsage>>,
+    pub volumes: Arc<Vec<Arc<Volume>>>,
+    pub meta_tx: Sender<MetaRequest>,
+    pub reactors: Vec<ReactorHandle>,
+    pub nbd_connections: Arc<AtomicUsize>,
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` holds blocked signals; sigwait stores the one received.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// The RPC method table.
+pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value, RpcError> {
+    let volume_param = |params: &Value| -> Result<Arc<Volume>, RpcError> {
+        let name = params
+            .get("volume")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| RpcError::invalid_params("missing string parameter 'volume'"))?;
+        shared
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| RpcError::invalid_params(format!("volume '{name}' not found")))
+    };
+    match method {
+        "kiln_get_version" => Ok(json!({"version": env!("CARGO_PKG_VERSION"), "name": "kiln"})),
+        "rpc_get_methods" => Ok(json!([
+            "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
+            "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats"
+        ])),
+        "bdev_get_bdevs" => Ok(Value::Array(
+            shared
+                .tiers
+                .iter()
+                .map(|(tier, d)| {
+                    let i = d.info();
+                    json!({
+                        "name": i.name, "product_name": i.product, "tier": tier,
+                        "block_size": i.block_size, "num_blocks": i.num_blocks,
+                        "volatile_write_cache": i.volatile_write_cache,
+                    })
+                })
+                .collect(),
+        )),
+        "volume_list" => Ok(Value::Array(
+            shared
+                .volumes
+                .iter()
+                .map(|v| {
+                    let mapped: u64 = v.map.runs().iter().filter(|r| r.2.is_some()).map(|r| r.1).sum();
+                    json!({
+                        "name": v.name, "size_bytes": v.size_bytes, "chunk_bytes": v.chunk_bytes,
+                        "mapped_bytes": mapped * v.map.granule_bytes,
+                    })
+                })
+                .collect(),
+        )),
+        "volume_get_map" => {
+            let v = volume_param(&params)?;
+            let g = v.map.granule_bytes;
+            let chunks: Vec<Value> = v
+                .map
+                .runs()
+                .into_iter()
+                .map(|(first, count, loc)| match loc {
+                    Some(l) => json!({
+                        "offset": first * g, "length": count * g,
+                        "tier": shared.tiers[l.tier as usize].0, "tier_offset": l.phys_granule * g,
+                    }),
+                    None => json!({"offset": first * g, "length": count * g, "tier": null}),
+                })
+                .collect();
+            Ok(json!({"volume": v.name, "size_bytes": v.size_bytes, "granule_bytes": g, "chunks": chunks}))
+        }
+        "volume_iostat" => {
+            let list: Vec<Value> = match params.get("volume") {
+                Some(_) => vec![volume_param(&params)?],
+                None => shared.volumes.iter().cloned().collect(),
+            }
+            .iter()
+            .map(|v| {
+                let mut s = v.stats.snapshot();
+                s["volume"] = json!(v.name);
+                s
+            })
+            .collect();
+            Ok(Value::Array(list))
+        }
+        "tier_list" => Ok(Value::Array(
+            shared
+                .plan
+                .tiers
+                .iter()
+                .zip(&shared.usage)
+                .map(|(t, u)| {
+                    json!({
+                        "name": t.name, "device": t.device,
+                        "capacity_bytes": u.capacity_bytes.load(Ordering::Relaxed),
+                        "used_bytes": u.used_bytes.load(Ordering::Relaxed),
+                        "cost_per_gib_month": t.cost_per_gib_month,
+                        "read_latency_us": t.read_latency_us, "write_latency_us": t.write_latency_us,
+                        "bandwidth_mib_s": t.bandwidth_mib_s,
+                    })
+                })
+                .collect(),
+        )),
+        "journal_checkpoint" => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            shared.meta_tx.send(MetaRequest::Checkpoint { reply: tx }).map_err(|_| RpcError::internal("metadata service stopped"))?;
+            let seq = rx
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| RpcError::internal("checkpoint timed out"))?
+                .map_err(RpcError::internal)?;
+            Ok(json!({"checkpoint_seq": seq}))
+        }
+        "reactor_get_stats" => Ok(Value::Array(
+            shared
+                .reactors
+                .iter()
+                .map(|h| {
+                    json!({
+                        "reactor": h.id, "core": h.core,
+                        "loops": h.stats.loops.load(Ordering::Relaxed),
+                        "parks": h.stats.parks.load(Ordering::Relaxed),
+                        "messages": h.stats.messages.load(Ordering::Relaxed),
+                    })
+                })
+                .collect(),
+        )),
+        _ => Err(RpcError::method_not_found(method)),
+    }
+}
+
+fn spawn_acceptor(
+    listen: Listen,
+    reactors: Vec<(ReactorHandle, Sender<NbdMsg>)>,
+    live: Arc<AtomicUsize>,
+    max_connections: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    enum L {
+        Tcp(std::net::TcpListener),
+        Unix(UnixListener, PathBuf),
+    }
+    let listener = match &listen {
+        Listen::Tcp(addr) => L::Tcp(std::net::TcpListener::bind(addr).map_err(|e| format!("nbd listen {addr}: {e}"))?),
+        Listen::Unix(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("nbd listen {}: {e}", path.display()))?;
+            }
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(format!("nbd listen {}: another server is listening there", path.display()));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            L::Unix(UnixListener::bind(path).map_err(|e| format!("nbd listen {}: {e}", path.display()))?, path.clone())
+        }
+    };
+    match &listener {
+        L::Tcp(l) => l.set_nonblocking(true),
+        L::Unix(l, _) => l.set_nonblocking(true),
+    }
+    .map_err(|e| e.to_string())?;
+    tracing::info!("NBD listening on {listen:?}");
+    let handle = std::thread::Builder::new()
+        .name("kiln-accept".into())
+        .spawn(move || {
+            let mut next = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let accepted: Option<(OwnedFd, String)> = match &listener {
+                    L::Tcp(l) => l.accept().ok().map(|(s, a)| (OwnedFd::from(s), a.to_string())),
+                    L::Unix(l, p) => l.accept().ok().map(|(s, _)| (OwnedFd::from(s), format!("unix:{}", p.display()))),
+                };
+                let Some((fd, peer)) = accepted else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                if live.fetch_add(1, Ordering::Relaxed) >= max_connections {
+                    live.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, max_connections, "NBD connection refused: connection limit reached");
+                    continue;
+                }
+                let (h, tx) = &reactors[next % reactors.len()];
+                next += 1;
+                let _ = tx.send(NbdMsg::Connection { fd, peer });
+                h.wake();
+            }
+            if let L::Unix(_, p) = &listener {
+                let _ = std::fs::remove_file(p);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(handle)
+}
+
+/// Runs the server until SIGINT/SIGTERM. Returns the exit code.
+pub fn serve(args: &ServeArgs) -> i32 {
+    match serve_inner(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kiln serve: error: {e}");
+            1
+        }
+    }
+}
+
+fn serve_inner(args: &ServeArgs) -> Result<(), String> {
+    let (source, config) = Config::load(args.config.as_deref())?;
+    let plan = config.validate(&source)?;
+    let sigset = block_signals();
+    // Devices.
+    let mut tiers: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for (i, t) in plan.tiers.iter().enumerate() {
+        let dev = bdev::open(&t.device).map_err(|e| format!("{source}: tier[{i}].device: {e}"))?;
+        if t.capacity_bytes > dev.info().size_bytes() {
+            return Err(format!(
+                "{source}: tier[{i}].capacity: {} is larger than the device {} ({})",
+                crate::units::format_size(t.capacity_bytes),
+                t.device,
+                crate::units::format_size(dev.info().size_bytes())
+            ));
+        }
+        tiers.push((t.name.clone(), dev));
+    }
+    if args.check {
+        println!("{source}: configuration is valid ({} tiers, {} volumes)", tiers.len(), plan.volumes.len());
+        return Ok(());
+    }
+    let volumes: Arc<Vec<Arc<Volume>>> = Arc::new(
+        plan.volumes.iter().enumerate().map(|(i, v)| Arc::new(Volume::new(i, &v.name, v.size_bytes, v.chunk_bytes))).collect(),
+    );
+    let usage: Vec<Arc<TierUsage>> = tiers.iter().map(|_| Arc::new(TierUsage::default())).collect();
+    let meta_tiers = plan
+        .tiers
+        .iter()
+        .zip(&tiers)
+        .zip(&usage)
+        .map(|((t, (_, d)), u)| MetaTier { name: t.name.clone(), device: d.clone(), capacity_bytes: t.capacity_bytes, usage: u.clone() })
+        .collect();
+    let (meta_tx, meta_thread, st) = journal::start(meta_tiers, volumes.as_ref().clone())?;
+    tracing::info!(generation = st.generation, replayed = st.replayed_records, "journal open on tier '{}'", plan.tiers[0].name);
+    let metrics = Arc::new(Metrics::with_version(env!("CARGO_PKG_VERSION")));
+    for v in volumes.iter() {
+        metrics.set_volume_size(&v.name, v.size_bytes);
+    }
+    // Reactors, each with an NBD poller.
+    let rconfig = ReactorConfig {
+        mode: plan.reactor.poll_mode,
+        idle_spin_us: plan.reactor.idle_spin_us,
+        dma_buf_bytes: plan.nbd_max_payload_bytes as usize,
+        dma_buf_count: (plan.nbd.max_queue_depth * 2).clamp(64, 1024),
+    };
+    let mut reactors = Reactors::start(&plan.reactor.cores, &rconfig).map_err(|e| format!("reactors: {e}"))?;
+    let exports: Vec<ExportInfo> = volumes
+        .iter()
+        .map(|v| ExportInfo {
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            block_size_min: 512,
+            block_size_preferred: 4096,
+            block_size_max: plan.nbd_max_payload_bytes,
+            read_only: false,
+            multi_conn: true,
+            description: format!("kiln volume {}", v.name),
+        })
+        .collect();
+    for e in &exports {
+        e.validate().map_err(|e| e.to_string())?;
+    }
+    let hs_config = Arc::new(HandshakeConfig { exports, tls_required: false, tls_available: false });
+    let limits = NbdLimits { max_queue_depth: plan.nbd.max_queue_depth, max_payload_bytes: plan.nbd_max_payload_bytes };
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut inboxes = Vec::new();
+    for h in &reactors.handles {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (vols, tiers_c, meta, hs, lim, lv, handle, m) =
+            (volumes.clone(), tiers.clone(), meta_tx.clone(), hs_config.clone(), limits.clone(), live.clone(), h.clone(), metrics.clone());
+        let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
+        h.send(move |r| {
+            let slab = (lim.max_queue_depth * 16).max(256);
+            match VolumeIo::new(vols, &tiers_c, &r.pool, &m, slab, meta, Some(handle)) {
+                Ok(io) => {
+                    r.add_poller(Box::new(NbdPoller::new(io, rx, hs, lim, lv)));
+                    let _ = ok_tx.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = ok_tx.send(Err(e));
+                }
+            }
+        });
+        ok_rx.recv().map_err(|_| "reactor died".to_string())??;
+        inboxes.push((h.clone(), tx));
+    }
+    // Listeners.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut acceptors = Vec::new();
+    for l in &plan.nbd.listen {
+        let listen = parse_listen(l)?;
+        acceptors.push(spawn_acceptor(listen, inboxes.clone(), live.clone(), plan.nbd.max_connections, stop.clone())?);
+    }
+    let shared = Arc::new(Shared {
+        plan: plan.clone(),
+        tiers: tiers.clone(),
+        usage: usage.clone(),
+        volumes: volumes.clone(),
+        meta_tx: meta_tx.clone(),
+        reactors: reactors.handles.clone(),
+        nbd_connections: live.clone(),
+    });
+    let mut rpc = match &plan.rpc_socket {
+        Some(path) => {
+            let s2 = shared.clone();
+            let server = RpcServer::start(Path::new(path), Arc::new(move |m: &str, p: Value| handle_rpc(&s2, m, p)))
+                .map_err(|e| format!("rpc socket {path}: {e}"))?;
+            tracing::info!("JSON-RPC on {path}");
+            Some(server)
+        }
+        None => None,
+    };
+    // Metrics: gauges refreshed by a small thread.
+    let mut metrics_server = match &plan.metrics_listen {
+        Some(addr) => {
+            let server = MetricsServer::start(addr, metrics.clone(), false).map_err(|e| format!("metrics listen {addr}: {e}"))?;
+            tracing::info!("metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
+    let gauge_stop = stop.clone();
+    let (m2, s3) = (metrics.clone(), shared.clone());
+    let gauges = std::thread::Builder::new()
+        .name("kiln-gauges".into())
+        .spawn(move || {
+            let conns = m2.nbd_connections();
+            while !gauge_stop.load(Ordering::Relaxed) {
+                for (t, u) in s3.plan.tiers.iter().zip(&s3.usage) {
+                    m2.set_tier_usage(&t.name, u.capacity_bytes.load(Ordering::Relaxed), u.used_bytes.load(Ordering::Relaxed));
+                }
+                conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        "kiln serving {} volume(s) on {} reactor(s); stop with Ctrl-C",
+        volumes.len(),
+        reactors.handles.len()
+    );
+    let sig = wait_signal(&sigset);
+    tracing::info!(signal = sig, "shutting down: draining connections");
+    stop.store(true, Ordering::Relaxed);
+    for a in acceptors {
+        let _ = a.join();
+    }
+    let _ = gauges.join();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    for (h, tx) in &inboxes {
+        let _ = tx.send(NbdMsg::Drain { done: done_tx.clone() });
+        h.wake();
+    }
+    for _ in 0..inboxes.len() {
+        if done_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            tracing::warn!("a reactor did not drain within 30 s");
+            break;
+        }
+    }
+    reactors.shutdown();
+    if let Some(r) = rpc.as_mut() {
+        r.stop();
+    }
+    if let Some(m) = metrics_server.as_mut() {
+        m.stop();
+    }
+    // Flush tiers, then the final checkpoint.
+    for (name, d) in &tiers {
+        if let Ok(mut ch) = d.open_channel(&bdev::ChannelOptions { queue_depth: 1, pool: None }) {
+            // SAFETY: a flush carries no buffer.
+            let rc = unsafe { bdev::submit_and_wait(ch.as_mut(), &bdev::IoRequest::flush(0)) };
+            if rc != 0 {
+                tracing::error!(tier = %name, "flush failed: {}", std::io::Error::from_raw_os_error(-rc));
+            }
+        }
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let _ = meta_tx.send(MetaRequest::Shutdown { reply: tx });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(seq)) => tracing::info!(checkpoint_seq = seq, "journal flushed: final checkpoint written; clean shutdown"),
+        Ok(Err(e)) => tracing::error!("final checkpoint failed: {e}; the journal will be replayed at next start"),
+        Err(_) => tracing::error!("metadata service did not answer; the journal will be replayed at next start"),
+    }
+    let _ = meta_thread.join();
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Protocol targets on the reactors.
+
+pub mod nbd;
+pub mod nbd_proto;

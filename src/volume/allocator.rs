@@ -1,0 +1,115 @@
+//! Per-tier space allocator: free runs of granules in a BTreeMap.
+//!
+//! Only the metadata service uses it (never the I/O path). At start it is
+//! rebuilt from the recovered extent maps: everything not mapped is free.
+
+use std::collections::BTreeMap;
+
+pub struct TierAllocator {
+    /// start granule -> length in granules.
+    free: BTreeMap<u64, u64>,
+    pub total_granules: u64,
+    free_granules: u64,
+}
+
+impl TierAllocator {
+    /// A tier whose usable granules are `[first, first + count)`.
+    pub fn new(first: u64, count: u64) -> TierAllocator {
+        let mut free = BTreeMap::new();
+        if count > 0 {
+            free.insert(first, count);
+        }
+        TierAllocator { free, total_granules: count, free_granules: count }
+    }
+
+    pub fn free_granules(&self) -> u64 {
+        self.free_granules
+    }
+
+    pub fn used_granules(&self) -> u64 {
+        self.total_granules - self.free_granules
+    }
+
+    /// Allocates `count` contiguous granules aligned to `align` (first fit).
+    pub fn alloc(&mut self, count: u64, align: u64) -> Option<u64> {
+        let (start, len, at) = self.free.iter().find_map(|(&s, &l)| {
+            let at = s.next_multiple_of(align);
+            (at + count <= s + l).then_some((s, l, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        if at + count < start + len {
+            self.free.insert(at + count, start + len - at - count);
+        }
+        self.free_granules -= count;
+        Some(at)
+    }
+
+    /// Marks `[start, start+count)` used (recovery). Panics if it is not free:
+    /// two map entries claiming the same space is a broken invariant.
+    pub fn reserve(&mut self, start: u64, count: u64) {
+        let (&s, &l) = self.free.range(..=start).next_back().unwrap_or_else(|| {
+            panic!("recovered map claims granules {start}+{count} that are not free on the tier")
+        });
+        assert!(start + count <= s + l, "recovered map claims granules {start}+{count} that are not free");
+        self.free.remove(&s);
+        if start > s {
+            self.free.insert(s, start - s);
+        }
+        if start + count < s + l {
+            self.free.insert(start + count, s + l - start - count);
+        }
+        self.free_granules -= count;
+    }
+
+    /// Returns `[start, start+count)` to the free set, merging neighbours.
+    pub fn free(&mut self, start: u64, count: u64) {
+        let mut s = start;
+        let mut l = count;
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            assert!(ps + pl <= start, "double free of granules {start}+{count}");
+            if ps + pl == start {
+                self.free.remove(&ps);
+                s = ps;
+                l += pl;
+            }
+        }
+        if let Some((&ns, &nl)) = self.free.range(start..).next() {
+            assert!(start + count <= ns, "double free of granules {start}+{count}");
+            if start + count == ns {
+                self.free.remove(&ns);
+                l += nl;
+            }
+        }
+        self.free.insert(s, l);
+        self.free_granules += count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_reserve() {
+        let mut a = TierAllocator::new(16, 64);
+        let x = a.alloc(16, 16).unwrap();
+        assert_eq!(x, 16);
+        let y = a.alloc(16, 16).unwrap();
+        assert_eq!(y, 32);
+        assert_eq!(a.used_granules(), 32);
+        a.free(x, 16);
+        assert_eq!(a.alloc(16, 16), Some(16));
+        a.reserve(64, 16);
+        assert_eq!(a.alloc(16, 16), Some(48));
+        assert_eq!(a.alloc(16, 16), None, "tier full is a normal answer");
+        a.free(48, 16);
+        a.free(16, 16);
+        a.free(32, 16);
+        a.free(64, 16);
+        assert_eq!(a.free_granules(), 64);
+        assert_eq!(a.alloc(64, 16), Some(16), "neighbours merged");
+    }
+}

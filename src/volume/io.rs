@@ -1,0 +1,372 @@
+//! The per-reactor volume I/O engine: turns one volume request into tier
+//! requests on this reactor's channels and completes it when every piece is
+//! done. Protocol targets (NBD, NVMe/TCP) sit on top of it.
+//!
+//! - Requests live in a preallocated slab; the slab index is the tag of every
+//!   piece, so completions route back without lookups or allocation.
+//! - A read of unmapped space is zero-filled in place; a write to unmapped
+//!   space first asks the metadata service to allocate (and journal) whole
+//!   chunks, then proceeds. That is the only path that leaves the reactor.
+//! - A full channel is normal: pieces wait in a bounded deferred queue.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::journal::MetaRequest;
+use super::Volume;
+use crate::bdev::{BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError, BUF_INDEX_NONE};
+use crate::clock::now_ns;
+use crate::dma::DmaPool;
+use crate::metrics::{IoOp, Metrics, TierIoHandle, VolumeIoHandle};
+use crate::reactor::ReactorHandle;
+
+/// One operation on a volume, as a target submits it.
+#[derive(Clone, Copy, Debug)]
+pub struct VolumeOp {
+    pub volume: u32,
+    pub kind: IoKind,
+    pub offset_bytes: u64,
+    pub len_bytes: u32,
+    pub buf: *mut u8,
+    pub buf_index: u16,
+    pub fua: bool,
+    /// The target's own token, returned in the completion.
+    pub token: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReqState {
+    Free,
+    /// Waiting for the metadata service to map the range.
+    Mapping,
+    /// Pieces in flight.
+    Running,
+}
+
+#[derive(Clone, Copy)]
+struct Req {
+    op: VolumeOp,
+    state: ReqState,
+    pieces_left: u32,
+    result: i32,
+    start_ns: u64,
+}
+
+/// Completed volume operation: `(token, result)` with 0 or a negative errno.
+pub type VolumeCompletion = (u64, i32);
+
+pub struct VolumeIo {
+    pub volumes: Arc<Vec<Arc<Volume>>>,
+    chans: Vec<Box<dyn IoChannel>>,
+    reqs: Vec<Req>,
+    free: Vec<u32>,
+    deferred: VecDeque<(usize, IoRequest)>,
+    reaped: Vec<Completion>,
+    done: VecDeque<VolumeCompletion>,
+    meta_tx: Sender<MetaRequest>,
+    map_tx: Sender<(u32, i32)>,
+    map_rx: Receiver<(u32, i32)>,
+    reactor: Option<ReactorHandle>,
+    /// Per volume, per op (read, write, flush, trim, write-zeroes).
+    vol_metrics: Vec<[VolumeIoHandle; 5]>,
+    /// Per tier, per op.
+    tier_metrics: Vec<[TierIoHandle; 5]>,
+}
+
+fn op_index(kind: IoKind) -> usize {
+    match kind {
+        IoKind::Read => 0,
+        IoKind::Write => 1,
+        IoKind::Flush => 2,
+        IoKind::Trim => 3,
+        IoKind::WriteZeroes => 4,
+    }
+}
+
+const OPS: [IoOp; 5] = [IoOp::Read, IoOp::Write, IoOp::Flush, IoOp::Trim, IoOp::WriteZeroes];
+
+impl VolumeIo {
+    /// Opens this reactor's channels on every tier.
+    pub fn new(
+        volumes: Arc<Vec<Arc<Volume>>>,
+        tiers: &[(String, Arc<dyn BlockDevice>)],
+        pool: &DmaPool,
+        metrics: &Metrics,
+        max_requests: usize,
+        meta_tx: Sender<MetaRequest>,
+        reactor: Option<ReactorHandle>,
+    ) -> Result<VolumeIo, String> {
+        let depth = (max_requests * 4).min(4096) as u32;
+        let chans = tiers
+            .iter()
+            .map(|(_, d)| d.open_channel(&ChannelOptions { queue_depth: depth, pool: Some(pool) }).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (map_tx, map_rx) = crossbeam_channel::unbounded();
+        let idle = Req {
+            op: VolumeOp {
+                volume: 0,
+                kind: IoKind::Flush,
+                offset_bytes: 0,
+                len_bytes: 0,
+                buf: std::ptr::null_mut(),
+                buf_index: BUF_INDEX_NONE,
+                fua: false,
+                token: 0,
+            },
+            state: ReqState::Free,
+            pieces_left: 0,
+            result: 0,
+            start_ns: 0,
+        };
+        Ok(VolumeIo {
+            volumes: volumes.clone(),
+            chans,
+            reqs: vec![idle; max_requests],
+            free: (0..max_requests as u32).rev().collect(),
+            deferred: VecDeque::with_capacity(max_requests * 8),
+            reaped: vec![Completion::default(); 128],
+            done: VecDeque::with_capacity(max_requests),
+            meta_tx,
+            map_tx,
+            map_rx,
+            reactor,
+            vol_metrics: volumes.iter().map(|v| OPS.map(|op| metrics.volume_io(&v.name, op))).collect(),
+            tier_metrics: tiers.iter().map(|(name, _)| OPS.map(|op| metrics.tier_io(name, op))).collect(),
+        })
+    }
+
+    /// Notifier fds of the tier channels, for the reactor's parker.
+    pub fn notifier_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.chans.iter().filter_map(|c| c.notifier_fd()).collect()
+    }
+
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.chans.iter().filter_map(|c| c.next_deadline_ns()).min()
+    }
+
+    /// Requests accepted and not yet completed.
+    pub fn inflight(&self) -> usize {
+        self.reqs.len() - self.free.len()
+    }
+
+    pub fn has_capacity(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Starts an operation. The range must already be validated against the
+    /// volume size and block size; returns false when the slab is full.
+    ///
+    /// # Safety
+    /// `op.buf` must stay valid until the operation's completion is returned.
+    pub unsafe fn submit(&mut self, op: VolumeOp) -> bool {
+        let Some(idx) = self.free.pop() else { return false };
+        let vol = &self.volumes[op.volume as usize];
+        assert!(op.offset_bytes + op.len_bytes as u64 <= vol.size_bytes, "unvalidated range reached the engine");
+        self.reqs[idx as usize] = Req { op, state: ReqState::Running, pieces_left: 0, result: 0, start_ns: now_ns() };
+        let needs_map = op.kind == IoKind::Write && !vol.is_mapped(op.offset_bytes, op.len_bytes as u64);
+        if needs_map {
+            self.reqs[idx as usize].state = ReqState::Mapping;
+            let tx = self.map_tx.clone();
+            let waker = self.reactor.clone();
+            let sent = self.meta_tx.send(MetaRequest::Allocate {
+                volume: op.volume as usize,
+                offset_bytes: op.offset_bytes,
+                len_bytes: op.len_bytes as u64,
+                reply: Box::new(move |rc| {
+                    let _ = tx.send((idx, rc));
+                    if let Some(h) = waker {
+                        h.wake();
+                    }
+                }),
+            });
+            if sent.is_err() {
+                self.finish_early(idx, -libc::ESHUTDOWN);
+            }
+            return true;
+        }
+        self.dispatch(idx);
+        true
+    }
+
+    fn finish_early(&mut self, idx: u32, rc: i32) {
+        let r = &mut self.reqs[idx as usize];
+        r.result = rc;
+        r.pieces_left = 0;
+        self.complete(idx);
+    }
+
+    /// Splits a running request into tier pieces and submits them.
+    fn dispatch(&mut self, idx: u32) {
+        let op = self.reqs[idx as usize].op;
+        let vol = self.volumes[op.volume as usize].clone();
+        let mut pieces = 0u32;
+        let tag = idx as u64;
+        match op.kind {
+            IoKind::Flush => {
+                for t in 0..self.chans.len() {
+                    if self.push_piece(t, IoRequest::flush(tag)) {
+                        pieces += 1;
+                    }
+                }
+            }
+            kind => {
+                let mut unmapped_write = false;
+                vol.map.for_each_piece(op.offset_bytes, op.len_bytes as u64, |logical, len, target| {
+                    let buf_off = (logical - op.offset_bytes) as usize;
+                    match (target, kind) {
+                        (None, IoKind::Read) => {
+                            // SAFETY: the target guarantees `buf` holds len_bytes (submit contract).
+                            unsafe { std::ptr::write_bytes(op.buf.add(buf_off), 0, len as usize) };
+                        }
+                        (None, IoKind::Write) => unmapped_write = true,
+                        (None, _) => {}
+                        (Some((tier, phys)), _) => {
+                            let req = IoRequest {
+                                tag,
+                                kind,
+                                offset_bytes: phys,
+                                len_bytes: len as u32,
+                                // SAFETY: buf_off < len_bytes, inside the caller's buffer.
+                                buf: if op.buf.is_null() { op.buf } else { unsafe { op.buf.add(buf_off) } },
+                                buf_index: op.buf_index,
+                                fua: op.fua,
+                            };
+                            if self.push_piece(tier as usize, req) {
+                                pieces += 1;
+                            }
+                        }
+                    }
+                });
+                assert!(!unmapped_write, "write dispatched before its range was mapped");
+            }
+        }
+        let r = &mut self.reqs[idx as usize];
+        r.pieces_left = pieces;
+        if pieces == 0 {
+            self.complete(idx);
+        }
+    }
+
+    /// Queues one piece; false if the device refused it (the request's result is set).
+    fn push_piece(&mut self, tier: usize, req: IoRequest) -> bool {
+        self.tier_metrics[tier][op_index(req.kind)].record(req.len_bytes as u64);
+        if !self.deferred.is_empty() {
+            self.deferred.push_back((tier, req));
+            return true;
+        }
+        // SAFETY: the buffer obligations were accepted by `submit`'s caller and last
+        // until the whole request completes, which is after this piece completes.
+        match unsafe { self.chans[tier].submit(&req) } {
+            Ok(()) => true,
+            Err(SubmitError::QueueFull) => {
+                self.deferred.push_back((tier, req));
+                true
+            }
+            Err(e) => {
+                tracing::error!("tier {tier} refused a piece at {}: {e}", req.offset_bytes);
+                self.reqs[req.tag as usize].result = -e.errno();
+                false
+            }
+        }
+    }
+
+    fn complete(&mut self, idx: u32) {
+        let r = self.reqs[idx as usize];
+        let vol = &self.volumes[r.op.volume as usize];
+        let lat = now_ns().saturating_sub(r.start_ns);
+        let s = &vol.stats;
+        match r.op.kind {
+            IoKind::Read => {
+                s.read_ios.fetch_add(1, Ordering::Relaxed);
+                s.read_bytes.fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
+                s.read_latency_ns_total.fetch_add(lat, Ordering::Relaxed);
+            }
+            IoKind::Write => {
+                s.write_ios.fetch_add(1, Ordering::Relaxed);
+                s.write_bytes.fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
+                s.write_latency_ns_total.fetch_add(lat, Ordering::Relaxed);
+            }
+            _ => {
+                s.other_ios.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if r.result != 0 {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.vol_metrics[r.op.volume as usize][op_index(r.op.kind)].record(r.op.len_bytes as u64, lat, r.result == 0);
+        self.reqs[idx as usize].state = ReqState::Free;
+        self.free.push(idx);
+        self.done.push_back((r.op.token, r.result));
+    }
+
+    /// Drives the engine: map replies, deferred pieces, submissions, completions.
+    /// Returns whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        let mut busy = false;
+        while let Ok((idx, rc)) = self.map_rx.try_recv() {
+            busy = true;
+            assert_eq!(self.reqs[idx as usize].state, ReqState::Mapping);
+            self.reqs[idx as usize].state = ReqState::Running;
+            if rc != 0 {
+                self.finish_early(idx, rc);
+            } else {
+                self.dispatch(idx);
+            }
+        }
+        while let Some(&(tier, req)) = self.deferred.front() {
+            // SAFETY: as in push_piece.
+            match unsafe { self.chans[tier].submit(&req) } {
+                Ok(()) => {
+                    self.deferred.pop_front();
+                    busy = true;
+                }
+                Err(SubmitError::QueueFull) => break,
+                Err(e) => {
+                    self.deferred.pop_front();
+                    let r = &mut self.reqs[req.tag as usize];
+                    r.result = -e.errno();
+                    r.pieces_left -= 1;
+                    if r.pieces_left == 0 {
+                        self.complete(req.tag as u32);
+                    }
+                }
+            }
+        }
+        for t in 0..self.chans.len() {
+            if self.chans[t].submit_pending() > 0 {
+                busy = true;
+            }
+            loop {
+                let n = self.chans[t].poll_completions(&mut self.reaped);
+                for k in 0..n {
+                    let c = self.reaped[k];
+                    let idx = c.tag as u32;
+                    let r = &mut self.reqs[idx as usize];
+                    debug_assert_eq!(r.state, ReqState::Running);
+                    if c.result < 0 && r.result == 0 {
+                        r.result = c.result;
+                        tracing::warn!(tier = t, "tier I/O failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                    }
+                    r.pieces_left -= 1;
+                    if r.pieces_left == 0 {
+                        self.complete(idx);
+                    }
+                }
+                busy |= n > 0;
+                if n < self.reaped.len() {
+                    break;
+                }
+            }
+        }
+        busy
+    }
+
+    /// Takes the next completed operation.
+    #[inline]
+    pub fn pop_completion(&mut self) -> Option<VolumeCompletion> {
+        self.done.pop_front()
+    }
+}
