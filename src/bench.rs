@@ -14,7 +14,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::bdev::{self, BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError};
+use crate::bdev::{
+    self, BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError,
+};
 use crate::clock::{ticks, TickRate};
 use crate::dma::DmaBuf;
 use crate::reactor::{PollCtx, PollMode, PollStatus, Poller, ReactorConfig, Reactors};
@@ -78,17 +80,28 @@ pub fn parse_size_arg(s: &str) -> Result<u64, String> {
 /// Parses `0`, `0,1`, `0-3` or `[0,1]`.
 pub fn parse_core_list(s: &str) -> Result<CoreList, String> {
     let mut cores = Vec::new();
-    for part in s.trim_matches(|c| c == '[' || c == ']').split(',').filter(|p| !p.trim().is_empty()) {
+    for part in s
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+    {
         let part = part.trim();
         if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.parse().map_err(|_| format!("core range '{part}' is not A-B"))?;
-            let b: usize = b.parse().map_err(|_| format!("core range '{part}' is not A-B"))?;
+            let a: usize = a
+                .parse()
+                .map_err(|_| format!("core range '{part}' is not A-B"))?;
+            let b: usize = b
+                .parse()
+                .map_err(|_| format!("core range '{part}' is not A-B"))?;
             if a > b {
                 return Err(format!("core range '{part}' is empty"));
             }
             cores.extend(a..=b);
         } else {
-            cores.push(part.parse().map_err(|_| format!("core '{part}' is not a number"))?);
+            cores.push(
+                part.parse()
+                    .map_err(|_| format!("core '{part}' is not a number"))?,
+            );
         }
     }
     if cores.is_empty() {
@@ -122,11 +135,18 @@ pub fn check_pattern(buf: &[u8], offset: u64, generation: u64) -> Result<(), Str
         return Err(format!("bad magic {:#018x}", word(0)));
     }
     if word(8) != offset || word(16) != generation {
-        return Err(format!("header says offset {} generation {}, expected {offset} {generation}", word(8), word(16)));
+        return Err(format!(
+            "header says offset {} generation {}, expected {offset} {generation}",
+            word(8),
+            word(16)
+        ));
     }
     let crc = crc32c::crc32c(&buf[32..]) as u64;
     if crc != word(24) {
-        return Err(format!("payload crc32c {crc:#010x} != header {:#010x}", word(24)));
+        return Err(format!(
+            "payload crc32c {crc:#010x} != header {:#010x}",
+            word(24)
+        ));
     }
     Ok(())
 }
@@ -215,24 +235,41 @@ impl BenchJob {
     ) -> Result<BenchJob, String> {
         let info = dev.info();
         if io_bytes == 0 || io_bytes % info.block_size as u64 != 0 {
-            return Err(format!("I/O size {io_bytes} is not a multiple of the device block size {}", info.block_size));
+            return Err(format!(
+                "I/O size {io_bytes} is not a multiple of the device block size {}",
+                info.block_size
+            ));
         }
         if io_bytes as usize > pool.buf_bytes() {
-            return Err(format!("I/O size {io_bytes} is above the DMA buffer size {}", pool.buf_bytes()));
+            return Err(format!(
+                "I/O size {io_bytes} is above the DMA buffer size {}",
+                pool.buf_bytes()
+            ));
         }
         if workload == Workload::Verify && !info.persistent {
-            return Err(format!("{}: verify needs a device that stores data ({} discards it)", info.name, info.product));
+            return Err(format!(
+                "{}: verify needs a device that stores data ({} discards it)",
+                info.name, info.product
+            ));
         }
         let ios_per_device = info.size_bytes() / io_bytes;
         if ios_per_device < queue_depth as u64 {
-            return Err(format!("device of {} bytes is too small for {queue_depth} x {io_bytes}", info.size_bytes()));
+            return Err(format!(
+                "device of {} bytes is too small for {queue_depth} x {io_bytes}",
+                info.size_bytes()
+            ));
         }
         let chan = dev
-            .open_channel(&ChannelOptions { queue_depth, pool: Some(pool) })
+            .open_channel(&ChannelOptions {
+                queue_depth,
+                pool: Some(pool),
+            })
             .map_err(|e| e.to_string())?;
         let mut slots = Vec::with_capacity(queue_depth as usize);
         for _ in 0..queue_depth {
-            let buf = pool.alloc().ok_or("DMA pool too small for the queue depth")?;
+            let buf = pool
+                .alloc()
+                .ok_or("DMA pool too small for the queue depth")?;
             // SAFETY: freshly allocated and not in flight.
             unsafe { buf.as_mut_slice() }.fill(0xa5);
             slots.push(Slot {
@@ -293,12 +330,29 @@ impl BenchJob {
             Workload::Read | Workload::Write => {
                 let o = self.seq_next;
                 self.seq_next = (self.seq_next + 1) % self.ios_per_device;
-                (if self.workload == Workload::Read { IoKind::Read } else { IoKind::Write }, o * self.io_bytes)
+                (
+                    if self.workload == Workload::Read {
+                        IoKind::Read
+                    } else {
+                        IoKind::Write
+                    },
+                    o * self.io_bytes,
+                )
             }
-            Workload::Randread => (IoKind::Read, self.rand_below(self.ios_per_device) * self.io_bytes),
-            Workload::Randwrite => (IoKind::Write, self.rand_below(self.ios_per_device) * self.io_bytes),
+            Workload::Randread => (
+                IoKind::Read,
+                self.rand_below(self.ios_per_device) * self.io_bytes,
+            ),
+            Workload::Randwrite => (
+                IoKind::Write,
+                self.rand_below(self.ios_per_device) * self.io_bytes,
+            ),
             Workload::Randrw => {
-                let k = if self.next_rand() < self.rwmixread_threshold { IoKind::Read } else { IoKind::Write };
+                let k = if self.next_rand() < self.rwmixread_threshold {
+                    IoKind::Read
+                } else {
+                    IoKind::Write
+                };
                 (k, self.rand_below(self.ios_per_device) * self.io_bytes)
             }
             Workload::Verify => {
@@ -313,7 +367,11 @@ impl BenchJob {
                     let offset = (self.rand_below(rows) * self.stripe + i as u64) * self.io_bytes;
                     let generation = self.next_rand();
                     // SAFETY: as above.
-                    fill_pattern(&mut unsafe { slot.buf.as_mut_slice() }[..self.io_bytes as usize], offset, generation);
+                    fill_pattern(
+                        &mut unsafe { slot.buf.as_mut_slice() }[..self.io_bytes as usize],
+                        offset,
+                        generation,
+                    );
                     self.slots[i].generation = generation;
                     (IoKind::Write, offset)
                 }
@@ -334,7 +392,11 @@ impl BenchJob {
         unsafe { self.chan.submit(&req)? };
         slot.kind = kind;
         slot.offset = offset;
-        slot.state = if kind == IoKind::Write { SlotState::Writing } else { SlotState::Reading };
+        slot.state = if kind == IoKind::Write {
+            SlotState::Writing
+        } else {
+            SlotState::Reading
+        };
         slot.submit_ticks = ticks();
         Ok(())
     }
@@ -345,7 +407,8 @@ impl BenchJob {
         let duration = self.end_ticks - self.start_ticks.min(self.end_ticks);
         self.end_ticks = self.start_ticks.saturating_add(duration);
         for i in 0..self.slots.len() {
-            self.issue(i).map_err(|e| format!("initial submit failed: {e}"))?;
+            self.issue(i)
+                .map_err(|e| format!("initial submit failed: {e}"))?;
         }
         self.chan.submit_pending();
         Ok(())
@@ -365,7 +428,11 @@ impl BenchJob {
             let i = c.tag as usize;
             let slot = self.slots[i];
             let lat = now.saturating_sub(slot.submit_ticks).max(1);
-            let dir = if slot.kind == IoKind::Read { &mut self.read } else { &mut self.write };
+            let dir = if slot.kind == IoKind::Read {
+                &mut self.read
+            } else {
+                &mut self.write
+            };
             dir.ios += 1;
             dir.bytes += self.io_bytes;
             dir.hist.saturating_record(lat);
@@ -373,17 +440,28 @@ impl BenchJob {
             if c.result != 0 {
                 dir.errors += 1;
                 if dir.errors <= 5 {
-                    eprintln!("kiln bench: I/O error at offset {}: {}", slot.offset, std::io::Error::from_raw_os_error(-c.result));
+                    eprintln!(
+                        "kiln bench: I/O error at offset {}: {}",
+                        slot.offset,
+                        std::io::Error::from_raw_os_error(-c.result)
+                    );
                 }
             } else if self.workload == Workload::Verify && slot.kind == IoKind::Read {
                 // SAFETY: the read completed; the buffer is ours until resubmitted.
                 let data = &unsafe { slot.buf.as_slice() }[..self.io_bytes as usize];
                 if let Err(why) = check_pattern(data, slot.offset, slot.generation) {
                     self.mismatches += 1;
-                    eprintln!("kiln bench: VERIFY MISMATCH at offset {}: {why}", slot.offset);
+                    eprintln!(
+                        "kiln bench: VERIFY MISMATCH at offset {}: {why}",
+                        slot.offset
+                    );
                 }
             }
-            self.slots[i].state = if slot.kind == IoKind::Read { SlotState::Free } else { slot.state };
+            self.slots[i].state = if slot.kind == IoKind::Read {
+                SlotState::Free
+            } else {
+                slot.state
+            };
             if !self.stopping || (self.workload == Workload::Verify && slot.kind == IoKind::Write) {
                 if let Err(e) = self.issue(i) {
                     panic!("resubmit failed with {e}: the channel is smaller than the job's queue depth");
@@ -416,7 +494,9 @@ struct BenchPoller {
 
 impl Poller for BenchPoller {
     fn poll(&mut self, ctx: &mut PollCtx<'_>) -> PollStatus {
-        let Some(job) = self.job.as_mut() else { return PollStatus::Done };
+        let Some(job) = self.job.as_mut() else {
+            return PollStatus::Done;
+        };
         if !job.step() {
             return PollStatus::Busy;
         }
@@ -472,7 +552,6 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
         idle_spin_us: args.idle_spin_us,
         dma_buf_bytes: (args.io_bytes as usize).max(4096),
         dma_buf_count: args.queue_depth as usize + 8,
-        ..ReactorConfig::default()
     };
     let mut reactors = Reactors::start(&args.cores.0, &config).map_err(|e| e.to_string())?;
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -521,7 +600,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
             Err(crossbeam_channel::RecvTimeoutError::Timeout) if t0.elapsed() < limit => {}
             Err(_) => {
                 reactors.shutdown();
-                return Err(err_rx.try_recv().unwrap_or_else(|_| "bench job did not finish".into()));
+                return Err(err_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| "bench job did not finish".into()));
             }
         }
     }
@@ -561,11 +642,21 @@ impl BenchReport {
     fn dir_json(&self, d: &DirStats) -> serde_json::Value {
         let ns = |t: u64| self.rate.to_ns(t);
         let mut pct = serde_json::Map::new();
-        for p in [1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99] {
-            let v = if d.ios == 0 { 0 } else { ns(d.hist.value_at_quantile(p / 100.0)) };
+        for p in [
+            1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99,
+        ] {
+            let v = if d.ios == 0 {
+                0
+            } else {
+                ns(d.hist.value_at_quantile(p / 100.0))
+            };
             pct.insert(format!("{p:.6}"), json!(v));
         }
-        let mean = if d.ios == 0 { 0.0 } else { d.hist.mean() / self.rate.ticks_per_ns };
+        let mean = if d.ios == 0 {
+            0.0
+        } else {
+            d.hist.mean() / self.rate.ticks_per_ns
+        };
         let clat = json!({
             "min": if d.ios == 0 { 0 } else { ns(d.hist.min()) },
             "max": if d.ios == 0 { 0 } else { ns(d.hist.max()) },
@@ -632,11 +723,24 @@ impl BenchReport {
     pub fn to_table(&self) -> String {
         let mut s = format!(
             "kiln bench: {} {:?} {} B QD{} on cores {:?} for {:.1} s\n",
-            self.device, self.args.workload, self.args.io_bytes, self.args.queue_depth, self.args.cores.0, self.elapsed_s
+            self.device,
+            self.args.workload,
+            self.args.io_bytes,
+            self.args.queue_depth,
+            self.args.cores.0,
+            self.elapsed_s
         );
         s += &format!(
             "{:<6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
-            "dir", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "p99.99_us", "errors"
+            "dir",
+            "IOPS",
+            "MiB/s",
+            "mean_us",
+            "p50_us",
+            "p99_us",
+            "p99.9_us",
+            "p99.99_us",
+            "errors"
         );
         for (name, d) in [("read", &self.read), ("write", &self.write)] {
             if d.ios == 0 {

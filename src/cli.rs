@@ -36,7 +36,11 @@ pub struct RpcArgs {
 }
 
 fn run_rpc(args: &RpcArgs) -> i32 {
-    let params = match args.params.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+    let params = match args
+        .params
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
         None => None,
         Some(Ok(v)) => Some(v),
         Some(Err(e)) => {
@@ -44,11 +48,20 @@ fn run_rpc(args: &RpcArgs) -> i32 {
             return 2;
         }
     };
-    match crate::rpc::call(&args.socket, &args.method, params, std::time::Duration::from_secs(args.timeout)) {
+    match crate::rpc::call(
+        &args.socket,
+        &args.method,
+        params,
+        std::time::Duration::from_secs(args.timeout),
+    ) {
         Ok(v) => {
             use std::io::Write;
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v).unwrap());
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap()
+            );
             0
         }
         Err(e) => {
@@ -61,7 +74,10 @@ fn run_rpc(args: &RpcArgs) -> i32 {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -81,13 +97,19 @@ pub fn main() -> i32 {
         Command::Bench(args) => match crate::bench::run_bench(&args) {
             Ok(report) => {
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report.to_json()).unwrap()
+                    );
                 } else {
                     println!("{}", report.to_table());
                 }
                 let errors = report.read.errors + report.write.errors;
                 if report.mismatches > 0 {
-                    eprintln!("kiln bench: FAILED: {} verify mismatches", report.mismatches);
+                    eprintln!(
+                        "kiln bench: FAILED: {} verify mismatches",
+                        report.mismatches
+                    );
                     1
                 } else if errors > 0 {
                     eprintln!("kiln bench: FAILED: {errors} I/O errors");

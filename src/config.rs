@@ -114,7 +114,11 @@ fn default_idle_spin() -> u64 {
 
 impl Default for ReactorSection {
     fn default() -> Self {
-        ReactorSection { cores: default_cores(), poll_mode: default_poll_mode(), idle_spin_us: default_idle_spin() }
+        ReactorSection {
+            cores: default_cores(),
+            poll_mode: default_poll_mode(),
+            idle_spin_us: default_idle_spin(),
+        }
     }
 }
 
@@ -167,22 +171,30 @@ pub struct Plan {
 }
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 impl Config {
     /// Parses TOML text; `source` names the file in messages.
     pub fn parse(source: &str, text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| format!("{source}: {}", e.to_string().trim_end().replace('\n', " ")))
+        toml::from_str(text)
+            .map_err(|e| format!("{source}: {}", e.to_string().trim_end().replace('\n', " ")))
     }
 
     /// Loads a file, or the embedded default when `path` is None.
     pub fn load(path: Option<&Path>) -> Result<(String, Config), String> {
         match path {
-            None => Ok(("configs/default.toml (embedded)".into(), Config::parse("configs/default.toml", DEFAULT_TOML)?)),
+            None => Ok((
+                "configs/default.toml (embedded)".into(),
+                Config::parse("configs/default.toml", DEFAULT_TOML)?,
+            )),
             Some(p) => {
                 let source = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|e| format!("{source}: cannot read: {e}"))?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("{source}: cannot read: {e}"))?;
                 Ok((source.clone(), Config::parse(&source, &text)?))
             }
         }
@@ -198,7 +210,10 @@ impl Config {
         for (i, t) in self.tiers.iter().enumerate() {
             let key = |k: &str| format!("tier[{i}].{k}");
             if !is_name(&t.name) {
-                return err(key("name"), format!("'{}' is not a valid name (letters, digits, - _ .)", t.name));
+                return err(
+                    key("name"),
+                    format!("'{}' is not a valid name (letters, digits, - _ .)", t.name),
+                );
             }
             if tiers.iter().any(|x: &TierPlan| x.name == t.name) {
                 return err(key("name"), format!("duplicate tier name '{}'", t.name));
@@ -212,7 +227,10 @@ impl Config {
                 Err(e) => return err(key("capacity"), e),
             };
             if !(t.cost_per_gib_month.is_finite() && t.cost_per_gib_month >= 0.0) {
-                return err(key("cost_per_gib_month"), format!("{} is not a non-negative number", t.cost_per_gib_month));
+                return err(
+                    key("cost_per_gib_month"),
+                    format!("{} is not a non-negative number", t.cost_per_gib_month),
+                );
             }
             if t.bandwidth_mib_s == 0 {
                 return err(key("bandwidth_mib_s"), "must be above zero".into());
@@ -231,17 +249,23 @@ impl Config {
         for (i, v) in self.volumes.iter().enumerate() {
             let key = |k: &str| format!("volume[{i}].{k}");
             if !is_name(&v.name) {
-                return err(key("name"), format!("'{}' is not a valid name (letters, digits, - _ .)", v.name));
+                return err(
+                    key("name"),
+                    format!("'{}' is not a valid name (letters, digits, - _ .)", v.name),
+                );
             }
             if volumes.iter().any(|x| x.name == v.name) {
                 return err(key("name"), format!("duplicate volume name '{}'", v.name));
             }
             let chunk_bytes = match parse_size(&v.chunk_size) {
-                Ok(c) if c >= 64 << 10 && c <= 64 << 20 && c.is_power_of_two() => c,
+                Ok(c) if (64 << 10..=64 << 20).contains(&c) && c.is_power_of_two() => c,
                 Ok(c) => {
                     return err(
                         key("chunk_size"),
-                        format!("{} must be a power of two between 64KiB and 64MiB", format_size(c)),
+                        format!(
+                            "{} must be a power of two between 64KiB and 64MiB",
+                            format_size(c)
+                        ),
                     )
                 }
                 Err(e) => return err(key("chunk_size"), e),
@@ -251,12 +275,20 @@ impl Config {
                 Ok(s) => {
                     return err(
                         key("size"),
-                        format!("{} must be a non-zero multiple of the chunk size {}", format_size(s), format_size(chunk_bytes)),
+                        format!(
+                            "{} must be a non-zero multiple of the chunk size {}",
+                            format_size(s),
+                            format_size(chunk_bytes)
+                        ),
                     )
                 }
                 Err(e) => return err(key("size"), e),
             };
-            volumes.push(VolumePlan { name: v.name.clone(), size_bytes, chunk_bytes });
+            volumes.push(VolumePlan {
+                name: v.name.clone(),
+                size_bytes,
+                chunk_bytes,
+            });
         }
         for (i, l) in self.nbd.listen.iter().enumerate() {
             if let Err(e) = parse_listen(l) {
@@ -271,16 +303,29 @@ impl Config {
         }
         let nbd_max_payload_bytes = match parse_size(&self.nbd.max_payload) {
             Ok(p) if (4096..=32 << 20).contains(&p) && p.is_power_of_two() => p as u32,
-            Ok(_) => return err("nbd.max_payload".into(), "must be a power of two between 4KiB and 32MiB".into()),
+            Ok(_) => {
+                return err(
+                    "nbd.max_payload".into(),
+                    "must be a power of two between 4KiB and 32MiB".into(),
+                )
+            }
             Err(e) => return err("nbd.max_payload".into(), e),
         };
         if self.reactor.cores.is_empty() {
-            return err("reactor.cores".into(), "at least one core is required".into());
+            return err(
+                "reactor.cores".into(),
+                "at least one core is required".into(),
+            );
         }
-        let available = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(usize::MAX);
+        let available = core_affinity::get_core_ids()
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         for &c in &self.reactor.cores {
             if c >= available.max(1) {
-                return err("reactor.cores".into(), format!("core {c} does not exist (this machine has {available})"));
+                return err(
+                    "reactor.cores".into(),
+                    format!("core {c} does not exist (this machine has {available})"),
+                );
             }
         }
         Ok(Plan {
@@ -310,7 +355,9 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
         }
         return Ok(Listen::Unix(p.into()));
     }
-    s.parse().map(Listen::Tcp).map_err(|_| format!("'{s}' is not HOST:PORT or unix:PATH"))
+    s.parse()
+        .map(Listen::Tcp)
+        .map_err(|_| format!("'{s}' is not HOST:PORT or unix:PATH"))
 }
 
 #[cfg(test)]
@@ -329,18 +376,31 @@ mod tests {
     #[test]
     fn errors_name_file_key_and_problem() {
         let e = Config::parse("k.toml", "[[tier]]\nname='a'\ncolour='red'\n").unwrap_err();
-        assert!(e.starts_with("k.toml:") && e.contains("unknown field `colour`"), "{e}");
+        assert!(
+            e.starts_with("k.toml:") && e.contains("unknown field `colour`"),
+            "{e}"
+        );
         let base = |extra: &str| {
             format!(
                 "[[tier]]\nname='fast'\ndevice='malloc:64M'\ncapacity='64M'\ncost_per_gib_month=0.1\nread_latency_us=1\nwrite_latency_us=1\nbandwidth_mib_s=100\n{extra}"
             )
         };
-        let v = |t: &str| Config::parse("k.toml", t).unwrap().validate("k.toml").unwrap_err();
-        assert!(v(&base("[[volume]]\nname='v'\nsize='3M'\n")).contains("volume[0].size"));
-        assert!(v(&base("[[volume]]\nname='v'\nsize='4M'\nchunk_size='3K'\n")).contains("chunk_size"));
+        let v = |t: &str| {
+            Config::parse("k.toml", t)
+                .unwrap()
+                .validate("k.toml")
+                .unwrap_err()
+        };
+        assert!(v(&base("[[volume]]\nname='v'\nsize='3500K'\n")).contains("volume[0].size"));
+        assert!(
+            v(&base("[[volume]]\nname='v'\nsize='4M'\nchunk_size='3K'\n")).contains("chunk_size")
+        );
         assert!(v(&base("[nbd]\nlisten=['nowhere']\n")).contains("nbd.listen[0]"));
         assert!(v("").contains("at least one [[tier]]"));
         let e = v(&base("").replace("malloc:64M", "mallocc:64M"));
-        assert!(e.contains("tier[0].device") && e.contains("unknown device kind"), "{e}");
+        assert!(
+            e.contains("tier[0].device") && e.contains("unknown device kind"),
+            "{e}"
+        );
     }
 }

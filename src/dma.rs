@@ -47,7 +47,10 @@ pub struct DmaPool {
 impl DmaPool {
     /// Creates `count` buffers of `buf_bytes` each (rounded up to 4 KiB).
     pub fn new(buf_bytes: usize, count: usize) -> std::io::Result<DmaPool> {
-        assert!(count > 0 && count < u16::MAX as usize, "pool size out of range");
+        assert!(
+            count > 0 && count < u16::MAX as usize,
+            "pool size out of range"
+        );
         let buf_bytes = buf_bytes.max(4096).next_multiple_of(4096);
         let total = buf_bytes * count;
         let huge_total = total.next_multiple_of(2 << 20);
@@ -57,7 +60,13 @@ impl DmaPool {
         };
         assert_eq!(map.as_ptr() as usize % 4096, 0);
         let free = (0..count as u16).rev().collect();
-        Ok(DmaPool { map, buf_bytes, count, free, hugepages })
+        Ok(DmaPool {
+            map,
+            buf_bytes,
+            count,
+            free,
+            hugepages,
+        })
     }
 
     pub fn buf_bytes(&self) -> usize {
@@ -106,37 +115,26 @@ impl DmaPool {
         assert!((index as usize) < self.count);
         // SAFETY: index < count, so the offset stays inside the mapping.
         let ptr = unsafe { self.map.as_ptr().add(index as usize * self.buf_bytes) } as *mut u8;
-        DmaBuf { ptr, len: self.buf_bytes, index }
+        DmaBuf {
+            ptr,
+            len: self.buf_bytes,
+            index,
+        }
     }
 
     /// Returns a buffer to the pool.
     #[inline]
     pub fn free(&mut self, buf: DmaBuf) {
-        assert!((buf.index as usize) < self.count && self.free.len() < self.count, "double free");
-        debug_assert!(!self.free.contains(&buf.index), "double free of buffer {}", buf.index);
+        assert!(
+            (buf.index as usize) < self.count && self.free.len() < self.count,
+            "double free"
+        );
+        debug_assert!(
+            !self.free.contains(&buf.index),
+            "double free of buffer {}",
+            buf.index
+        );
         self.free.push(buf.index);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alloc_free_alignment() {
-        let mut pool = DmaPool::new(5000, 4).unwrap();
-        assert_eq!(pool.buf_bytes(), 8192);
-        let a = pool.alloc().unwrap();
-        let b = pool.alloc().unwrap();
-        assert_ne!(a.ptr, b.ptr);
-        assert_eq!(a.ptr as usize % 4096, 0);
-        assert_eq!(pool.available(), 2);
-        pool.alloc().unwrap();
-        pool.alloc().unwrap();
-        assert!(pool.alloc().is_none(), "an empty pool is a normal path");
-        pool.free(a);
-        assert_eq!(pool.alloc().unwrap().index, a.index);
-        assert_eq!(pool.iovecs().len(), 4);
     }
 }
 
@@ -188,5 +186,27 @@ impl Drop for AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_alignment() {
+        let mut pool = DmaPool::new(5000, 4).unwrap();
+        assert_eq!(pool.buf_bytes(), 8192);
+        let a = pool.alloc().unwrap();
+        let b = pool.alloc().unwrap();
+        assert_ne!(a.ptr, b.ptr);
+        assert_eq!(a.ptr as usize % 4096, 0);
+        assert_eq!(pool.available(), 2);
+        pool.alloc().unwrap();
+        pool.alloc().unwrap();
+        assert!(pool.alloc().is_none(), "an empty pool is a normal path");
+        pool.free(a);
+        assert_eq!(pool.alloc().unwrap().index, a.index);
+        assert_eq!(pool.iovecs().len(), 4);
     }
 }

@@ -201,18 +201,28 @@ fn spawn_acceptor(
         Unix(UnixListener, PathBuf),
     }
     let listener = match &listen {
-        Listen::Tcp(addr) => L::Tcp(std::net::TcpListener::bind(addr).map_err(|e| format!("nbd listen {addr}: {e}"))?),
+        Listen::Tcp(addr) => L::Tcp(
+            std::net::TcpListener::bind(addr).map_err(|e| format!("nbd listen {addr}: {e}"))?,
+        ),
         Listen::Unix(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| format!("nbd listen {}: {e}", path.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("nbd listen {}: {e}", path.display()))?;
             }
             if path.exists() {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(format!("nbd listen {}: another server is listening there", path.display()));
+                    return Err(format!(
+                        "nbd listen {}: another server is listening there",
+                        path.display()
+                    ));
                 }
                 let _ = std::fs::remove_file(path);
             }
-            L::Unix(UnixListener::bind(path).map_err(|e| format!("nbd listen {}: {e}", path.display()))?, path.clone())
+            L::Unix(
+                UnixListener::bind(path)
+                    .map_err(|e| format!("nbd listen {}: {e}", path.display()))?,
+                path.clone(),
+            )
         }
     };
     match &listener {
@@ -282,22 +292,43 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         tiers.push((t.name.clone(), dev));
     }
     if args.check {
-        println!("{source}: configuration is valid ({} tiers, {} volumes)", tiers.len(), plan.volumes.len());
+        println!(
+            "{source}: configuration is valid ({} tiers, {} volumes)",
+            tiers.len(),
+            plan.volumes.len()
+        );
         return Ok(());
     }
     let volumes: Arc<Vec<Arc<Volume>>> = Arc::new(
-        plan.volumes.iter().enumerate().map(|(i, v)| Arc::new(Volume::new(i, &v.name, v.size_bytes, v.chunk_bytes))).collect(),
+        plan.volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Arc::new(Volume::new(i, &v.name, v.size_bytes, v.chunk_bytes)))
+            .collect(),
     );
-    let usage: Vec<Arc<TierUsage>> = tiers.iter().map(|_| Arc::new(TierUsage::default())).collect();
+    let usage: Vec<Arc<TierUsage>> = tiers
+        .iter()
+        .map(|_| Arc::new(TierUsage::default()))
+        .collect();
     let meta_tiers = plan
         .tiers
         .iter()
         .zip(&tiers)
         .zip(&usage)
-        .map(|((t, (_, d)), u)| MetaTier { name: t.name.clone(), device: d.clone(), capacity_bytes: t.capacity_bytes, usage: u.clone() })
+        .map(|((t, (_, d)), u)| MetaTier {
+            name: t.name.clone(),
+            device: d.clone(),
+            capacity_bytes: t.capacity_bytes,
+            usage: u.clone(),
+        })
         .collect();
     let (meta_tx, meta_thread, st) = journal::start(meta_tiers, volumes.as_ref().clone())?;
-    tracing::info!(generation = st.generation, replayed = st.replayed_records, "journal open on tier '{}'", plan.tiers[0].name);
+    tracing::info!(
+        generation = st.generation,
+        replayed = st.replayed_records,
+        "journal open on tier '{}'",
+        plan.tiers[0].name
+    );
     let metrics = Arc::new(Metrics::with_version(env!("CARGO_PKG_VERSION")));
     for v in volumes.iter() {
         metrics.set_volume_size(&v.name, v.size_bytes);
@@ -309,7 +340,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         dma_buf_bytes: plan.nbd_max_payload_bytes as usize,
         dma_buf_count: (plan.nbd.max_queue_depth * 2).clamp(64, 1024),
     };
-    let mut reactors = Reactors::start(&plan.reactor.cores, &rconfig).map_err(|e| format!("reactors: {e}"))?;
+    let mut reactors =
+        Reactors::start(&plan.reactor.cores, &rconfig).map_err(|e| format!("reactors: {e}"))?;
     let exports: Vec<ExportInfo> = volumes
         .iter()
         .map(|v| ExportInfo {
@@ -326,14 +358,29 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     for e in &exports {
         e.validate().map_err(|e| e.to_string())?;
     }
-    let hs_config = Arc::new(HandshakeConfig { exports, tls_required: false, tls_available: false });
-    let limits = NbdLimits { max_queue_depth: plan.nbd.max_queue_depth, max_payload_bytes: plan.nbd_max_payload_bytes };
+    let hs_config = Arc::new(HandshakeConfig {
+        exports,
+        tls_required: false,
+        tls_available: false,
+    });
+    let limits = NbdLimits {
+        max_queue_depth: plan.nbd.max_queue_depth,
+        max_payload_bytes: plan.nbd_max_payload_bytes,
+    };
     let live = Arc::new(AtomicUsize::new(0));
     let mut inboxes = Vec::new();
     for h in &reactors.handles {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (vols, tiers_c, meta, hs, lim, lv, handle, m) =
-            (volumes.clone(), tiers.clone(), meta_tx.clone(), hs_config.clone(), limits.clone(), live.clone(), h.clone(), metrics.clone());
+        let (vols, tiers_c, meta, hs, lim, lv, handle, m) = (
+            volumes.clone(),
+            tiers.clone(),
+            meta_tx.clone(),
+            hs_config.clone(),
+            limits.clone(),
+            live.clone(),
+            h.clone(),
+            metrics.clone(),
+        );
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
@@ -355,7 +402,13 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     let mut acceptors = Vec::new();
     for l in &plan.nbd.listen {
         let listen = parse_listen(l)?;
-        acceptors.push(spawn_acceptor(listen, inboxes.clone(), live.clone(), plan.nbd.max_connections, stop.clone())?);
+        acceptors.push(spawn_acceptor(
+            listen,
+            inboxes.clone(),
+            live.clone(),
+            plan.nbd.max_connections,
+            stop.clone(),
+        )?);
     }
     let shared = Arc::new(Shared {
         plan: plan.clone(),
@@ -369,8 +422,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     let mut rpc = match &plan.rpc_socket {
         Some(path) => {
             let s2 = shared.clone();
-            let server = RpcServer::start(Path::new(path), Arc::new(move |m: &str, p: Value| handle_rpc(&s2, m, p)))
-                .map_err(|e| format!("rpc socket {path}: {e}"))?;
+            let server = RpcServer::start(
+                Path::new(path),
+                Arc::new(move |m: &str, p: Value| handle_rpc(&s2, m, p)),
+            )
+            .map_err(|e| format!("rpc socket {path}: {e}"))?;
             tracing::info!("JSON-RPC on {path}");
             Some(server)
         }
@@ -379,7 +435,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     // Metrics: gauges refreshed by a small thread.
     let mut metrics_server = match &plan.metrics_listen {
         Some(addr) => {
-            let server = MetricsServer::start(addr, metrics.clone(), false).map_err(|e| format!("metrics listen {addr}: {e}"))?;
+            let server = MetricsServer::start(addr, metrics.clone(), false)
+                .map_err(|e| format!("metrics listen {addr}: {e}"))?;
             tracing::info!("metrics on http://{}/metrics", server.local_addr());
             Some(server)
         }
@@ -393,7 +450,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             let conns = m2.nbd_connections();
             while !gauge_stop.load(Ordering::Relaxed) {
                 for (t, u) in s3.plan.tiers.iter().zip(&s3.usage) {
-                    m2.set_tier_usage(&t.name, u.capacity_bytes.load(Ordering::Relaxed), u.used_bytes.load(Ordering::Relaxed));
+                    m2.set_tier_usage(
+                        &t.name,
+                        u.capacity_bytes.load(Ordering::Relaxed),
+                        u.used_bytes.load(Ordering::Relaxed),
+                    );
                 }
                 conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);
                 std::thread::sleep(Duration::from_millis(500));
@@ -414,7 +475,9 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     let _ = gauges.join();
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     for (h, tx) in &inboxes {
-        let _ = tx.send(NbdMsg::Drain { done: done_tx.clone() });
+        let _ = tx.send(NbdMsg::Drain {
+            done: done_tx.clone(),
+        });
         h.wake();
     }
     for _ in 0..inboxes.len() {
@@ -432,7 +495,10 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     }
     // Flush tiers, then the final checkpoint.
     for (name, d) in &tiers {
-        if let Ok(mut ch) = d.open_channel(&bdev::ChannelOptions { queue_depth: 1, pool: None }) {
+        if let Ok(mut ch) = d.open_channel(&bdev::ChannelOptions {
+            queue_depth: 1,
+            pool: None,
+        }) {
             // SAFETY: a flush carries no buffer.
             let rc = unsafe { bdev::submit_and_wait(ch.as_mut(), &bdev::IoRequest::flush(0)) };
             if rc != 0 {
@@ -443,9 +509,16 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let _ = meta_tx.send(MetaRequest::Shutdown { reply: tx });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(seq)) => tracing::info!(checkpoint_seq = seq, "journal flushed: final checkpoint written; clean shutdown"),
-        Ok(Err(e)) => tracing::error!("final checkpoint failed: {e}; the journal will be replayed at next start"),
-        Err(_) => tracing::error!("metadata service did not answer; the journal will be replayed at next start"),
+        Ok(Ok(seq)) => tracing::info!(
+            checkpoint_seq = seq,
+            "journal flushed: final checkpoint written; clean shutdown"
+        ),
+        Ok(Err(e)) => tracing::error!(
+            "final checkpoint failed: {e}; the journal will be replayed at next start"
+        ),
+        Err(_) => tracing::error!(
+            "metadata service did not answer; the journal will be replayed at next start"
+        ),
     }
     let _ = meta_thread.join();
     Ok(())

@@ -14,7 +14,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if digits.is_empty() {
         return Err(format!("size '{text}' does not start with a number"));
     }
-    let value: u64 = digits.parse().map_err(|_| format!("size '{text}' is too large"))?;
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("size '{text}' is too large"))?;
     let shift = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -28,12 +30,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    value.checked_shl(shift).filter(|v| v >> shift == value).ok_or_else(|| format!("size '{text}' overflows 64 bits"))
+    value
+        .checked_shl(shift)
+        .filter(|v| v >> shift == value)
+        .ok_or_else(|| format!("size '{text}' overflows 64 bits"))
 }
 
 /// Formats bytes the way [`parse_size`] reads them, exact when possible.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 5] = [("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    const UNITS: [(&str, u32); 5] = [
+        ("PiB", 50),
+        ("TiB", 40),
+        ("GiB", 30),
+        ("MiB", 20),
+        ("KiB", 10),
+    ];
     for (name, shift) in UNITS {
         if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
             return format!("{}{}", bytes >> shift, name);
@@ -54,7 +65,9 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("12x").unwrap_err().contains("unknown unit"));
         assert!(parse_size("GiB").is_err());
-        assert!(parse_size("99999999999PiB").unwrap_err().contains("overflows"));
+        assert!(parse_size("99999999999PiB")
+            .unwrap_err()
+            .contains("overflows"));
         assert_eq!(format_size(4 << 30), "4GiB");
         assert_eq!(format_size(1536), "1536B");
     }

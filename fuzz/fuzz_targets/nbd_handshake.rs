@@ -83,7 +83,11 @@ fuzz_target!(|data: &[u8]| {
                 break None;
             }
         };
-        assert!(used <= pending.len(), "consumed {used} of {}", pending.len());
+        assert!(
+            used <= pending.len(),
+            "consumed {used} of {}",
+            pending.len()
+        );
         // Every option is at least a 16-byte header.
         options_seen += used / nbd::OPTION_HEADER_BYTES + 1;
         assert!(out.len() - before <= MAX_OUT_PER_OPTION_BYTES * (used / 16 + 1));
@@ -92,8 +96,7 @@ fuzz_target!(|data: &[u8]| {
         match step {
             HandshakeStep::NeedMore => {
                 assert!(
-                    pending.len()
-                        <= nbd::OPTION_HEADER_BYTES + nbd::MAX_OPTION_DATA_BYTES as usize,
+                    pending.len() <= nbd::OPTION_HEADER_BYTES + nbd::MAX_OPTION_DATA_BYTES as usize,
                     "handshake asked for more while {} bytes are pending",
                     pending.len()
                 );

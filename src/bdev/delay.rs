@@ -10,7 +10,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest, SubmitError};
+use super::{
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
+    SubmitError,
+};
 use crate::clock::now_ns;
 
 pub struct DelayDevice {
@@ -23,13 +26,25 @@ pub struct DelayDevice {
 }
 
 impl DelayDevice {
-    pub fn new(name: String, inner: Arc<dyn BlockDevice>, read_us: u64, write_us: u64, mib_s: u64) -> DelayDevice {
+    pub fn new(
+        name: String,
+        inner: Arc<dyn BlockDevice>,
+        read_us: u64,
+        write_us: u64,
+        mib_s: u64,
+    ) -> DelayDevice {
         let mut info = inner.info().clone();
         info.name = name;
         info.product = "delay";
         // 1 MiB/s = 2^20 bytes per 1e9 ns, so ns per byte * 2^20 = 1e9 / mib_s.
-        let ns_per_byte_q20 = if mib_s == 0 { 0 } else { 1_000_000_000 / mib_s };
-        DelayDevice { info, inner, read_ns: read_us * 1000, write_ns: write_us * 1000, ns_per_byte_q20 }
+        let ns_per_byte_q20 = 1_000_000_000u64.checked_div(mib_s).unwrap_or(0);
+        DelayDevice {
+            info,
+            inner,
+            read_ns: read_us * 1000,
+            write_ns: write_us * 1000,
+            ns_per_byte_q20,
+        }
     }
 }
 
@@ -93,7 +108,12 @@ impl IoChannel for DelayChannel {
             IoKind::Flush => 0,
             _ => self.write_ns,
         };
-        self.slots[slot as usize] = Slot { tag: req.tag, due_ns: self.link_free_ns + latency, done: false, result: 0 };
+        self.slots[slot as usize] = Slot {
+            tag: req.tag,
+            due_ns: self.link_free_ns + latency,
+            done: false,
+            result: 0,
+        };
         self.order.push_back(slot);
         Ok(())
     }
@@ -117,14 +137,19 @@ impl IoChannel for DelayChannel {
         let now = now_ns();
         let mut n = 0;
         while n < out.len() {
-            let Some(&head) = self.order.front() else { break };
+            let Some(&head) = self.order.front() else {
+                break;
+            };
             let slot = self.slots[head as usize];
             if !slot.done || slot.due_ns > now {
                 break;
             }
             self.order.pop_front();
             self.free.push(head);
-            out[n] = Completion { tag: slot.tag, result: slot.result };
+            out[n] = Completion {
+                tag: slot.tag,
+                result: slot.result,
+            };
             n += 1;
         }
         n

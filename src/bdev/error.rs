@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::spec::FaultMode;
-use super::{BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest, SubmitError};
+use super::{
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
+    SubmitError,
+};
 
 pub struct ErrorDevice {
     info: DeviceInfo,
@@ -110,7 +113,9 @@ struct ErrorChannel {
 
 impl ErrorChannel {
     fn draw(&mut self, req: &IoRequest) -> bool {
-        if !self.enabled.load(Ordering::Relaxed) || !matches!(req.kind, IoKind::Read | IoKind::Write) {
+        if !self.enabled.load(Ordering::Relaxed)
+            || !matches!(req.kind, IoKind::Read | IoKind::Write)
+        {
             return false;
         }
         if let Some((first, last)) = self.lba_range {
@@ -138,7 +143,10 @@ impl IoChannel for ErrorChannel {
         }
         match (self.mode, req.kind) {
             (FaultMode::Eio, _) => {
-                self.failed.push_back(Completion { tag: req.tag, result: -libc::EIO });
+                self.failed.push_back(Completion {
+                    tag: req.tag,
+                    result: -libc::EIO,
+                });
             }
             (FaultMode::Torn, IoKind::Write) => {
                 let mut torn = *req;
@@ -146,7 +154,10 @@ impl IoChannel for ErrorChannel {
                 torn.len_bytes = (req.len_bytes / 2 / bs * bs).max(bs.min(req.len_bytes));
                 if torn.len_bytes == req.len_bytes {
                     // A one-block write cannot tear at block granularity: drop it instead.
-                    self.failed.push_back(Completion { tag: req.tag, result: 0 });
+                    self.failed.push_back(Completion {
+                        tag: req.tag,
+                        result: 0,
+                    });
                 } else {
                     // SAFETY: a prefix of the caller's buffer, still covered by its obligations.
                     unsafe { self.inner.submit(&torn)? };
@@ -171,7 +182,9 @@ impl IoChannel for ErrorChannel {
     fn poll_completions(&mut self, out: &mut [Completion]) -> usize {
         let mut n = 0;
         while n < out.len() {
-            let Some(c) = self.failed.pop_front() else { break };
+            let Some(c) = self.failed.pop_front() else {
+                break;
+            };
             out[n] = c;
             n += 1;
         }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use memmap2::{MmapMut, MmapOptions};
 
 use super::{
-    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest, SubmitError,
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
+    SubmitError,
 };
 
 struct Region {
@@ -92,7 +93,10 @@ impl IoChannel for MallocChannel {
             IoKind::WriteZeroes | IoKind::Trim => unsafe { std::ptr::write_bytes(media, 0, len) },
             IoKind::Flush => {}
         }
-        self.done.push_back(Completion { tag: req.tag, result: 0 });
+        self.done.push_back(Completion {
+            tag: req.tag,
+            result: 0,
+        });
         Ok(())
     }
 

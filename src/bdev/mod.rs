@@ -58,11 +58,33 @@ pub struct IoRequest {
 
 impl IoRequest {
     pub fn read(tag: u64, offset_bytes: u64, buf: *mut u8, len_bytes: u32, buf_index: u16) -> Self {
-        IoRequest { tag, kind: IoKind::Read, offset_bytes, len_bytes, buf, buf_index, fua: false }
+        IoRequest {
+            tag,
+            kind: IoKind::Read,
+            offset_bytes,
+            len_bytes,
+            buf,
+            buf_index,
+            fua: false,
+        }
     }
 
-    pub fn write(tag: u64, offset_bytes: u64, buf: *mut u8, len_bytes: u32, buf_index: u16) -> Self {
-        IoRequest { tag, kind: IoKind::Write, offset_bytes, len_bytes, buf, buf_index, fua: false }
+    pub fn write(
+        tag: u64,
+        offset_bytes: u64,
+        buf: *mut u8,
+        len_bytes: u32,
+        buf_index: u16,
+    ) -> Self {
+        IoRequest {
+            tag,
+            kind: IoKind::Write,
+            offset_bytes,
+            len_bytes,
+            buf,
+            buf_index,
+            fua: false,
+        }
     }
 
     pub fn flush(tag: u64) -> Self {
@@ -189,11 +211,16 @@ impl DeviceInfo {
         if req.offset_bytes % bs != 0 || req.len_bytes as u64 % bs != 0 {
             return Err(SubmitError::Misaligned);
         }
-        let end = req.offset_bytes.checked_add(req.len_bytes as u64).ok_or(SubmitError::OutOfRange)?;
+        let end = req
+            .offset_bytes
+            .checked_add(req.len_bytes as u64)
+            .ok_or(SubmitError::OutOfRange)?;
         if end > self.size_bytes() {
             return Err(SubmitError::OutOfRange);
         }
-        if matches!(req.kind, IoKind::Read | IoKind::Write) && (req.buf as usize) % self.buf_align != 0 {
+        if matches!(req.kind, IoKind::Read | IoKind::Write)
+            && (req.buf as usize) % self.buf_align != 0
+        {
             return Err(SubmitError::Misaligned);
         }
         Ok(())
@@ -210,7 +237,10 @@ pub struct ChannelOptions<'a> {
 
 impl Default for ChannelOptions<'_> {
     fn default() -> Self {
-        ChannelOptions { queue_depth: 128, pool: None }
+        ChannelOptions {
+            queue_depth: 128,
+            pool: None,
+        }
     }
 }
 
@@ -295,7 +325,11 @@ pub unsafe fn submit_and_wait(chan: &mut dyn IoChannel, req: &IoRequest) -> i32 
         };
         match chan.notifier_fd() {
             Some(fd) => {
-                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, timeout_ms.clamp(0, 10)) };
             }

@@ -3,7 +3,10 @@
 
 use std::collections::VecDeque;
 
-use super::{BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoRequest, SubmitError};
+use super::{
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoRequest,
+    SubmitError,
+};
 
 pub struct NullDevice {
     info: DeviceInfo,
@@ -32,7 +35,11 @@ impl BlockDevice for NullDevice {
 
     fn open_channel(&self, opts: &ChannelOptions<'_>) -> Result<Box<dyn IoChannel>, DeviceError> {
         let capacity = opts.queue_depth.max(1) as usize;
-        Ok(Box::new(NullChannel { info: self.info.clone(), done: VecDeque::with_capacity(capacity), capacity }))
+        Ok(Box::new(NullChannel {
+            info: self.info.clone(),
+            done: VecDeque::with_capacity(capacity),
+            capacity,
+        }))
     }
 }
 
@@ -49,7 +56,10 @@ impl IoChannel for NullChannel {
         if self.done.len() == self.capacity {
             return Err(SubmitError::QueueFull);
         }
-        self.done.push_back(Completion { tag: req.tag, result: 0 });
+        self.done.push_back(Completion {
+            tag: req.tag,
+            result: 0,
+        });
         Ok(())
     }
 

@@ -31,11 +31,32 @@ pub enum FaultMode {
 /// A parsed device spec.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DeviceSpec {
-    Null { size_bytes: u64 },
-    Malloc { size_bytes: u64 },
-    File { path: PathBuf, create_size_bytes: Option<u64>, direct: bool, sqpoll: bool, iopoll: bool },
-    Delay { read_us: u64, write_us: u64, mib_s: u64, inner: Box<DeviceSpec> },
-    Error { rate: f64, seed: u64, mode: FaultMode, lba_range: Option<(u64, u64)>, inner: Box<DeviceSpec> },
+    Null {
+        size_bytes: u64,
+    },
+    Malloc {
+        size_bytes: u64,
+    },
+    File {
+        path: PathBuf,
+        create_size_bytes: Option<u64>,
+        direct: bool,
+        sqpoll: bool,
+        iopoll: bool,
+    },
+    Delay {
+        read_us: u64,
+        write_us: u64,
+        mib_s: u64,
+        inner: Box<DeviceSpec>,
+    },
+    Error {
+        rate: f64,
+        seed: u64,
+        mode: FaultMode,
+        lba_range: Option<(u64, u64)>,
+        inner: Box<DeviceSpec>,
+    },
 }
 
 fn bad(spec: &str, why: impl std::fmt::Display) -> DeviceError {
@@ -46,7 +67,10 @@ fn parse_bool(spec: &str, key: &str, value: &str) -> Result<bool, DeviceError> {
     match value {
         "1" | "true" | "on" | "yes" => Ok(true),
         "0" | "false" | "off" | "no" => Ok(false),
-        _ => Err(bad(spec, format!("option '{key}' wants 0 or 1, not '{value}'"))),
+        _ => Err(bad(
+            spec,
+            format!("option '{key}' wants 0 or 1, not '{value}'"),
+        )),
     }
 }
 
@@ -55,7 +79,10 @@ impl DeviceSpec {
     pub fn parse(text: &str) -> Result<DeviceSpec, DeviceError> {
         let text = text.trim();
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
-            bad(text, "expected KIND:ARGS, where KIND is null, malloc, file, delay or error")
+            bad(
+                text,
+                "expected KIND:ARGS, where KIND is null, malloc, file, delay or error",
+            )
         })?;
         match kind {
             "null" | "malloc" => {
@@ -84,16 +111,26 @@ impl DeviceSpec {
                     sqpoll: false,
                     iopoll: false,
                 };
-                if let DeviceSpec::File { create_size_bytes, direct, sqpoll, iopoll, .. } = &mut spec {
+                if let DeviceSpec::File {
+                    create_size_bytes,
+                    direct,
+                    sqpoll,
+                    iopoll,
+                    ..
+                } = &mut spec
+                {
                     for pair in query.split('&').filter(|p| !p.is_empty()) {
-                        let (key, value) = pair
-                            .split_once('=')
-                            .ok_or_else(|| bad(text, format!("option '{pair}' is not KEY=VALUE")))?;
+                        let (key, value) = pair.split_once('=').ok_or_else(|| {
+                            bad(text, format!("option '{pair}' is not KEY=VALUE"))
+                        })?;
                         match key {
                             "size" => {
                                 let size = parse_size(value).map_err(|e| bad(text, e))?;
                                 if size == 0 || size % 4096 != 0 {
-                                    return Err(bad(text, "size must be a non-zero multiple of 4KiB"));
+                                    return Err(bad(
+                                        text,
+                                        "size must be a non-zero multiple of 4KiB",
+                                    ));
                                 }
                                 *create_size_bytes = Some(size);
                             }
@@ -103,7 +140,9 @@ impl DeviceSpec {
                             _ => {
                                 return Err(bad(
                                     text,
-                                    format!("unknown file option '{key}' (size, direct, sqpoll, iopoll)"),
+                                    format!(
+                                    "unknown file option '{key}' (size, direct, sqpoll, iopoll)"
+                                ),
                                 ))
                             }
                         }
@@ -117,10 +156,16 @@ impl DeviceSpec {
                     .ok_or_else(|| bad(text, "delay wants READ_US,WRITE_US,MIB_S:INNER"))?;
                 let nums: Vec<&str> = params.split(',').collect();
                 if nums.len() != 3 {
-                    return Err(bad(text, "delay wants three numbers READ_US,WRITE_US,MIB_S"));
+                    return Err(bad(
+                        text,
+                        "delay wants three numbers READ_US,WRITE_US,MIB_S",
+                    ));
                 }
                 let num = |i: usize, what: &str| -> Result<u64, DeviceError> {
-                    nums[i].trim().parse().map_err(|_| bad(text, format!("{what} '{}' is not a number", nums[i])))
+                    nums[i]
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(text, format!("{what} '{}' is not a number", nums[i])))
                 };
                 Ok(DeviceSpec::Delay {
                     read_us: num(0, "READ_US")?,
@@ -142,40 +187,68 @@ impl DeviceSpec {
                 if !(0.0..=1.0).contains(&rate) {
                     return Err(bad(text, format!("RATE {rate} must be between 0 and 1")));
                 }
-                let seed_text = parts.next().ok_or_else(|| bad(text, "error wants a SEED after RATE"))?;
-                let seed: u64 =
-                    seed_text.trim().parse().map_err(|_| bad(text, format!("SEED '{seed_text}' is not a number")))?;
+                let seed_text = parts
+                    .next()
+                    .ok_or_else(|| bad(text, "error wants a SEED after RATE"))?;
+                let seed: u64 = seed_text
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(text, format!("SEED '{seed_text}' is not a number")))?;
                 let mut mode = FaultMode::Eio;
                 let mut lba_range = None;
                 for opt in parts {
-                    let (key, value) =
-                        opt.split_once('=').ok_or_else(|| bad(text, format!("option '{opt}' is not KEY=VALUE")))?;
+                    let (key, value) = opt
+                        .split_once('=')
+                        .ok_or_else(|| bad(text, format!("option '{opt}' is not KEY=VALUE")))?;
                     match key {
                         "mode" => {
                             mode = match value {
                                 "eio" => FaultMode::Eio,
                                 "torn" => FaultMode::Torn,
                                 "corrupt" => FaultMode::Corrupt,
-                                _ => return Err(bad(text, format!("mode '{value}' is not eio, torn or corrupt"))),
+                                _ => {
+                                    return Err(bad(
+                                        text,
+                                        format!("mode '{value}' is not eio, torn or corrupt"),
+                                    ))
+                                }
                             }
                         }
                         "lba" => {
-                            let (a, b) = value
-                                .split_once('-')
-                                .ok_or_else(|| bad(text, format!("lba '{value}' is not FIRST-LAST")))?;
-                            let a: u64 = a.parse().map_err(|_| bad(text, format!("lba '{value}' is not FIRST-LAST")))?;
-                            let b: u64 = b.parse().map_err(|_| bad(text, format!("lba '{value}' is not FIRST-LAST")))?;
+                            let (a, b) = value.split_once('-').ok_or_else(|| {
+                                bad(text, format!("lba '{value}' is not FIRST-LAST"))
+                            })?;
+                            let a: u64 = a.parse().map_err(|_| {
+                                bad(text, format!("lba '{value}' is not FIRST-LAST"))
+                            })?;
+                            let b: u64 = b.parse().map_err(|_| {
+                                bad(text, format!("lba '{value}' is not FIRST-LAST"))
+                            })?;
                             if a > b {
                                 return Err(bad(text, format!("lba range {a}-{b} is empty")));
                             }
                             lba_range = Some((a, b));
                         }
-                        _ => return Err(bad(text, format!("unknown error option '{key}' (mode, lba)"))),
+                        _ => {
+                            return Err(bad(
+                                text,
+                                format!("unknown error option '{key}' (mode, lba)"),
+                            ))
+                        }
                     }
                 }
-                Ok(DeviceSpec::Error { rate, seed, mode, lba_range, inner: Box::new(DeviceSpec::parse(inner)?) })
+                Ok(DeviceSpec::Error {
+                    rate,
+                    seed,
+                    mode,
+                    lba_range,
+                    inner: Box::new(DeviceSpec::parse(inner)?),
+                })
             }
-            _ => Err(bad(text, format!("unknown device kind '{kind}' (null, malloc, file, delay, error)"))),
+            _ => Err(bad(
+                text,
+                format!("unknown device kind '{kind}' (null, malloc, file, delay, error)"),
+            )),
         }
     }
 
@@ -183,17 +256,52 @@ impl DeviceSpec {
     pub fn open(&self) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         let name = self.to_string();
         Ok(match self {
-            DeviceSpec::Null { size_bytes } => Arc::new(super::null::NullDevice::new(name, *size_bytes)),
-            DeviceSpec::Malloc { size_bytes } => Arc::new(super::malloc::MallocDevice::new(name, *size_bytes)?),
-            DeviceSpec::File { path, create_size_bytes, direct, sqpoll, iopoll } => {
-                Arc::new(super::uring::UringDevice::open(name, path, *create_size_bytes, *direct, *sqpoll, *iopoll)?)
+            DeviceSpec::Null { size_bytes } => {
+                Arc::new(super::null::NullDevice::new(name, *size_bytes))
             }
-            DeviceSpec::Delay { read_us, write_us, mib_s, inner } => {
-                Arc::new(super::delay::DelayDevice::new(name, inner.open()?, *read_us, *write_us, *mib_s))
+            DeviceSpec::Malloc { size_bytes } => {
+                Arc::new(super::malloc::MallocDevice::new(name, *size_bytes)?)
             }
-            DeviceSpec::Error { rate, seed, mode, lba_range, inner } => {
-                Arc::new(super::error::ErrorDevice::new(name, inner.open()?, *rate, *seed, *mode, *lba_range))
-            }
+            DeviceSpec::File {
+                path,
+                create_size_bytes,
+                direct,
+                sqpoll,
+                iopoll,
+            } => Arc::new(super::uring::UringDevice::open(
+                name,
+                path,
+                *create_size_bytes,
+                *direct,
+                *sqpoll,
+                *iopoll,
+            )?),
+            DeviceSpec::Delay {
+                read_us,
+                write_us,
+                mib_s,
+                inner,
+            } => Arc::new(super::delay::DelayDevice::new(
+                name,
+                inner.open()?,
+                *read_us,
+                *write_us,
+                *mib_s,
+            )),
+            DeviceSpec::Error {
+                rate,
+                seed,
+                mode,
+                lba_range,
+                inner,
+            } => Arc::new(super::error::ErrorDevice::new(
+                name,
+                inner.open()?,
+                *rate,
+                *seed,
+                *mode,
+                *lba_range,
+            )),
         })
     }
 
@@ -201,7 +309,9 @@ impl DeviceSpec {
     pub fn backing_file(&self) -> Option<&PathBuf> {
         match self {
             DeviceSpec::File { path, .. } => Some(path),
-            DeviceSpec::Delay { inner, .. } | DeviceSpec::Error { inner, .. } => inner.backing_file(),
+            DeviceSpec::Delay { inner, .. } | DeviceSpec::Error { inner, .. } => {
+                inner.backing_file()
+            }
             _ => None,
         }
     }
@@ -214,10 +324,17 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Null { size_bytes } => write!(f, "null:{}", format_size(*size_bytes)),
             DeviceSpec::Malloc { size_bytes } => write!(f, "malloc:{}", format_size(*size_bytes)),
             DeviceSpec::File { path, .. } => write!(f, "file:{}", path.display()),
-            DeviceSpec::Delay { read_us, write_us, mib_s, inner } => {
+            DeviceSpec::Delay {
+                read_us,
+                write_us,
+                mib_s,
+                inner,
+            } => {
                 write!(f, "delay:{read_us},{write_us},{mib_s}:{inner}")
             }
-            DeviceSpec::Error { rate, seed, inner, .. } => write!(f, "error:{rate},{seed}:{inner}"),
+            DeviceSpec::Error {
+                rate, seed, inner, ..
+            } => write!(f, "error:{rate},{seed}:{inner}"),
         }
     }
 }
@@ -228,13 +345,35 @@ mod tests {
 
     #[test]
     fn grammar() {
-        assert_eq!(DeviceSpec::parse("null:1G").unwrap(), DeviceSpec::Null { size_bytes: 1 << 30 });
+        assert_eq!(
+            DeviceSpec::parse("null:1G").unwrap(),
+            DeviceSpec::Null {
+                size_bytes: 1 << 30
+            }
+        );
         let f = DeviceSpec::parse("file:/tmp/x.img?size=4GiB&sqpoll=1").unwrap();
-        assert!(matches!(f, DeviceSpec::File { create_size_bytes: Some(s), sqpoll: true, .. } if s == 4 << 30));
+        assert!(
+            matches!(f, DeviceSpec::File { create_size_bytes: Some(s), sqpoll: true, .. } if s == 4 << 30)
+        );
         let d = DeviceSpec::parse("delay:2000,100,150:file:/tmp/a.img?size=1G").unwrap();
-        assert!(matches!(d, DeviceSpec::Delay { read_us: 2000, write_us: 100, mib_s: 150, .. }));
+        assert!(matches!(
+            d,
+            DeviceSpec::Delay {
+                read_us: 2000,
+                write_us: 100,
+                mib_s: 150,
+                ..
+            }
+        ));
         let e = DeviceSpec::parse("error:0.01,7,mode=corrupt,lba=0-99:malloc:64M").unwrap();
-        assert!(matches!(e, DeviceSpec::Error { mode: FaultMode::Corrupt, lba_range: Some((0, 99)), .. }));
+        assert!(matches!(
+            e,
+            DeviceSpec::Error {
+                mode: FaultMode::Corrupt,
+                lba_range: Some((0, 99)),
+                ..
+            }
+        ));
         assert_eq!(e.to_string(), "error:0.01,7:malloc:64MiB");
     }
 

@@ -17,7 +17,10 @@ pub fn wait_for(chan: &mut dyn IoChannel, tag: u64) -> i32 {
         if let Some(i) = stash.iter().position(|c| c.tag == tag) {
             return stash.swap_remove(i).result;
         }
-        assert!(std::time::Instant::now() < deadline, "tag {tag} never completed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tag {tag} never completed"
+        );
         std::thread::yield_now();
     }
 }
@@ -33,7 +36,12 @@ pub fn body_read_write_zero_trim(dev: &dyn BlockDevice) {
     let info = dev.info().clone();
     let bs = info.block_size as u64;
     let pool = DmaPool::new(64 << 10, 8).unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 32, pool: Some(&pool) }).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 32,
+            pool: Some(&pool),
+        })
+        .unwrap();
     let chan = chan.as_mut();
     let a = pool.buf(0);
     let b = pool.buf(1);
@@ -44,26 +52,60 @@ pub fn body_read_write_zero_trim(dev: &dyn BlockDevice) {
         *x = (i * 7 + 3) as u8;
     }
     let off = 8 * bs;
-    assert_eq!(sync_io(chan, IoRequest::write(1, off, a.ptr, len as u32, a.index)), 0);
+    assert_eq!(
+        sync_io(chan, IoRequest::write(1, off, a.ptr, len as u32, a.index)),
+        0
+    );
     rb[..len].fill(0);
-    assert_eq!(sync_io(chan, IoRequest::read(2, off, b.ptr, len as u32, b.index)), 0);
+    assert_eq!(
+        sync_io(chan, IoRequest::read(2, off, b.ptr, len as u32, b.index)),
+        0
+    );
     assert_eq!(&rb[..len], &wa[..len], "{}: read-back differs", info.name);
     // Unregistered buffer path too.
     let mut plain = vec![0u8; len + 4096];
-    let p = plain.as_mut_ptr().wrapping_add(plain.as_ptr().align_offset(4096));
-    assert_eq!(sync_io(chan, IoRequest::read(3, off, p, len as u32, BUF_INDEX_NONE)), 0);
+    let p = plain
+        .as_mut_ptr()
+        .wrapping_add(plain.as_ptr().align_offset(4096));
+    assert_eq!(
+        sync_io(chan, IoRequest::read(3, off, p, len as u32, BUF_INDEX_NONE)),
+        0
+    );
     // SAFETY: `p` points at len bytes inside `plain`.
     assert_eq!(unsafe { std::slice::from_raw_parts(p, len) }, &wa[..len]);
     // Write-zeroes the middle, then check zeros and the untouched edges.
-    assert_eq!(sync_io(chan, IoRequest::range(4, IoKind::WriteZeroes, off + 4 * bs, 4 * bs as u32)), 0);
-    assert_eq!(sync_io(chan, IoRequest::read(5, off, b.ptr, len as u32, b.index)), 0);
+    assert_eq!(
+        sync_io(
+            chan,
+            IoRequest::range(4, IoKind::WriteZeroes, off + 4 * bs, 4 * bs as u32)
+        ),
+        0
+    );
+    assert_eq!(
+        sync_io(chan, IoRequest::read(5, off, b.ptr, len as u32, b.index)),
+        0
+    );
     assert_eq!(&rb[..4 * bs as usize], &wa[..4 * bs as usize]);
-    assert!(rb[4 * bs as usize..8 * bs as usize].iter().all(|&x| x == 0), "{}: write-zeroes left data", info.name);
+    assert!(
+        rb[4 * bs as usize..8 * bs as usize].iter().all(|&x| x == 0),
+        "{}: write-zeroes left data",
+        info.name
+    );
     assert_eq!(&rb[8 * bs as usize..len], &wa[8 * bs as usize..len]);
     // Trim leaves zeros on every kiln backend (the volume layer relies on it).
-    assert_eq!(sync_io(chan, IoRequest::range(6, IoKind::Trim, off, len as u32)), 0);
-    assert_eq!(sync_io(chan, IoRequest::read(7, off, b.ptr, len as u32, b.index)), 0);
-    assert!(rb[..len].iter().all(|&x| x == 0), "{}: trim left data", info.name);
+    assert_eq!(
+        sync_io(chan, IoRequest::range(6, IoKind::Trim, off, len as u32)),
+        0
+    );
+    assert_eq!(
+        sync_io(chan, IoRequest::read(7, off, b.ptr, len as u32, b.index)),
+        0
+    );
+    assert!(
+        rb[..len].iter().all(|&x| x == 0),
+        "{}: trim left data",
+        info.name
+    );
     assert_eq!(sync_io(chan, IoRequest::flush(8)), 0);
     // Bounds and alignment are refused at submission.
     let end = info.size_bytes();
@@ -81,18 +123,37 @@ pub fn body_queue_depth(dev: &dyn BlockDevice) {
     let info = dev.info().clone();
     let bs = info.block_size as usize;
     let pool = DmaPool::new(4096, 40).unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 32, pool: Some(&pool) }).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 32,
+            pool: Some(&pool),
+        })
+        .unwrap();
     for i in 0..32u16 {
         let buf = pool.buf(i);
         // SAFETY: not yet submitted.
         (unsafe { buf.as_mut_slice() })[..bs].fill(i as u8 + 1);
         // SAFETY: pool outlives the requests; each tag has its own buffer.
-        unsafe { chan.submit(&IoRequest::write(i as u64, i as u64 * 4096, buf.ptr, bs as u32, buf.index)) }.unwrap();
+        unsafe {
+            chan.submit(&IoRequest::write(
+                i as u64,
+                i as u64 * 4096,
+                buf.ptr,
+                bs as u32,
+                buf.index,
+            ))
+        }
+        .unwrap();
     }
     let extra = pool.buf(33);
     // SAFETY: refused before any buffer access.
     let full = unsafe { chan.submit(&IoRequest::write(99, 0, extra.ptr, bs as u32, extra.index)) };
-    assert_eq!(full, Err(SubmitError::QueueFull), "{}: a full queue must say so", info.name);
+    assert_eq!(
+        full,
+        Err(SubmitError::QueueFull),
+        "{}: a full queue must say so",
+        info.name
+    );
     let mut seen = [false; 32];
     let mut out = [Completion::default(); 8];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -110,9 +171,23 @@ pub fn body_queue_depth(dev: &dyn BlockDevice) {
     if info.persistent {
         for i in 0..32u16 {
             let buf = pool.buf(i);
-            assert_eq!(sync_io(chan.as_mut(), IoRequest::read(100 + i as u64, i as u64 * 4096, buf.ptr, bs as u32, buf.index)), 0);
+            assert_eq!(
+                sync_io(
+                    chan.as_mut(),
+                    IoRequest::read(
+                        100 + i as u64,
+                        i as u64 * 4096,
+                        buf.ptr,
+                        bs as u32,
+                        buf.index
+                    )
+                ),
+                0
+            );
             // SAFETY: the read completed.
-            assert!(unsafe { buf.as_slice() }[..bs].iter().all(|&x| x == i as u8 + 1));
+            assert!(unsafe { buf.as_slice() }[..bs]
+                .iter()
+                .all(|&x| x == i as u8 + 1));
         }
     }
 }
@@ -129,7 +204,10 @@ fn backends(test: &str) -> Vec<(String, Arc<dyn BlockDevice>)> {
         format!("delay:100,100,0:file:{}", file.display()),
         "error:0,1:malloc:16MiB".to_string(),
     ];
-    specs.iter().map(|s| (s.clone(), open(s).unwrap_or_else(|e| panic!("{s}: {e}")))).collect()
+    specs
+        .iter()
+        .map(|s| (s.clone(), open(s).unwrap_or_else(|e| panic!("{s}: {e}"))))
+        .collect()
 }
 
 #[test]
@@ -154,11 +232,23 @@ fn queue_depth_on_every_backend() {
 fn delay_device_adds_latency() {
     let dev = open("delay:2000,0,0:malloc:1MiB").unwrap();
     let pool = DmaPool::new(4096, 1).unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 4, pool: Some(&pool) }).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
     let b = pool.buf(0);
     let t0 = std::time::Instant::now();
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)), 0);
-    assert!(t0.elapsed() >= std::time::Duration::from_micros(2000), "read took {:?}", t0.elapsed());
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)),
+        0
+    );
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_micros(2000),
+        "read took {:?}",
+        t0.elapsed()
+    );
     assert!(chan.next_deadline_ns().is_none());
 }
 
@@ -167,33 +257,80 @@ fn error_device_injects_eio_torn_and_corrupt() {
     let pool = DmaPool::new(8192, 2).unwrap();
     let b = pool.buf(0);
     let dev = open("error:1,3:malloc:1MiB").unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 4, pool: Some(&pool) }).unwrap();
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)), -libc::EIO);
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)),
+        -libc::EIO
+    );
     // Only the given LBA range faults.
     let dev = open("error:1,3,lba=100-200:malloc:1MiB").unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 4, pool: Some(&pool) }).unwrap();
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)), 0);
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(2, 100 * 512, b.ptr, 512, b.index)), -libc::EIO);
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::read(1, 0, b.ptr, 4096, b.index)),
+        0
+    );
+    assert_eq!(
+        sync_io(
+            chan.as_mut(),
+            IoRequest::read(2, 100 * 512, b.ptr, 512, b.index)
+        ),
+        -libc::EIO
+    );
     // Corrupt: success, but the data differs.
     let dev = open("error:1,3,mode=corrupt:malloc:1MiB").unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 4, pool: Some(&pool) }).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
     // SAFETY: not in flight.
     unsafe { b.as_mut_slice() }.fill(0x11);
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::write(1, 0, b.ptr, 4096, b.index)), 0);
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(2, 0, b.ptr, 4096, b.index)), 0);
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::write(1, 0, b.ptr, 4096, b.index)),
+        0
+    );
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::read(2, 0, b.ptr, 4096, b.index)),
+        0
+    );
     // SAFETY: completed.
     assert_ne!(unsafe { b.as_slice() }[0], 0x11);
     // Torn: the second half of the write never lands.
     let dev = open("error:1,3,mode=torn:malloc:1MiB").unwrap();
-    let mut chan = dev.open_channel(&ChannelOptions { queue_depth: 4, pool: Some(&pool) }).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
     // SAFETY: not in flight.
     unsafe { b.as_mut_slice() }.fill(0x22);
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::write(1, 0, b.ptr, 8192, b.index)), 0);
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::write(1, 0, b.ptr, 8192, b.index)),
+        0
+    );
     let c = pool.buf(1);
     // Torn mode only affects writes, so this read shows what reached the media.
-    assert_eq!(sync_io(chan.as_mut(), IoRequest::read(2, 0, c.ptr, 8192, c.index)), 0);
+    assert_eq!(
+        sync_io(chan.as_mut(), IoRequest::read(2, 0, c.ptr, 8192, c.index)),
+        0
+    );
     // SAFETY: completed.
     let data = unsafe { c.as_slice() };
     assert!(data[..4096].iter().all(|&x| x == 0x22));
-    assert!(data[4096..8192].iter().all(|&x| x == 0), "torn write reached the media whole");
+    assert!(
+        data[4096..8192].iter().all(|&x| x == 0),
+        "torn write reached the media whole"
+    );
 }

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{
-    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest, SubmitError,
-    BUF_INDEX_NONE,
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
+    SubmitError, BUF_INDEX_NONE,
 };
 
 pub struct UringDevice {
@@ -56,7 +56,14 @@ fn probe_direct_block_size(file: &File) -> u32 {
     let buf = unsafe { std::alloc::alloc(layout) };
     assert!(!buf.is_null());
     // SAFETY: buf + 512 .. + 1024 lies inside the 4096-byte allocation.
-    let rc = unsafe { libc::pread(file.as_raw_fd(), buf.add(512) as *mut libc::c_void, 512, 512) };
+    let rc = unsafe {
+        libc::pread(
+            file.as_raw_fd(),
+            buf.add(512) as *mut libc::c_void,
+            512,
+            512,
+        )
+    };
     let einval = rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL);
     // SAFETY: allocated above with the same layout.
     unsafe { std::alloc::dealloc(buf, layout) };
@@ -78,7 +85,8 @@ impl UringDevice {
     ) -> Result<UringDevice, DeviceError> {
         if let Some(size) = create_size_bytes {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "cannot create directory", e))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io_err(dir, "cannot create directory", e))?;
             }
             let f = OpenOptions::new()
                 .read(true)
@@ -89,10 +97,17 @@ impl UringDevice {
                 .map_err(|e| io_err(path, "cannot create", e))?;
             let meta = f.metadata().map_err(|e| io_err(path, "stat", e))?;
             if meta.file_type().is_file() && meta.len() < size {
-                f.set_len(size).map_err(|e| io_err(path, "cannot size", e))?;
+                f.set_len(size)
+                    .map_err(|e| io_err(path, "cannot size", e))?;
             }
         }
-        let open = |flags: i32| OpenOptions::new().read(true).write(true).custom_flags(flags).open(path);
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+        };
         let mut is_direct = direct;
         let file = match open(if direct { libc::O_DIRECT } else { 0 }) {
             Ok(f) => f,
@@ -111,9 +126,16 @@ impl UringDevice {
         };
         let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
         let is_block = meta.file_type().is_block_device();
-        let size_bytes =
-            if is_block { block_device_size(&file).map_err(|e| io_err(path, "BLKGETSIZE64", e))? } else { meta.len() };
-        let block_size = if is_direct { probe_direct_block_size(&file) } else { 512 };
+        let size_bytes = if is_block {
+            block_device_size(&file).map_err(|e| io_err(path, "BLKGETSIZE64", e))?
+        } else {
+            meta.len()
+        };
+        let block_size = if is_direct {
+            probe_direct_block_size(&file)
+        } else {
+            512
+        };
         if size_bytes < block_size as u64 {
             return Err(DeviceError::Io(format!(
                 "{}: size {size_bytes} is smaller than one block (add ?size=SIZE to create it)",
@@ -126,9 +148,14 @@ impl UringDevice {
             }
             false
         } else {
-            let dev = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let dev = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             let sys = format!("/sys/block/{dev}/queue/io_poll");
-            let supported = std::fs::read_to_string(&sys).map(|s| s.trim() == "1").unwrap_or(false);
+            let supported = std::fs::read_to_string(&sys)
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false);
             if !supported {
                 tracing::info!(path = %path.display(), "IOPOLL not used: {sys} is not 1 (the driver has no poll queues)");
             }
@@ -171,7 +198,9 @@ impl BlockDevice for UringDevice {
         if self.iopoll {
             builder.setup_iopoll();
         }
-        let ring = builder.build(entries).map_err(|e| io_err(&self.path, "io_uring_setup", e))?;
+        let ring = builder
+            .build(entries)
+            .map_err(|e| io_err(&self.path, "io_uring_setup", e))?;
         ring.submitter()
             .register_files(&[self.file.as_raw_fd()])
             .map_err(|e| io_err(&self.path, "io_uring register_files", e))?;
@@ -182,7 +211,9 @@ impl BlockDevice for UringDevice {
             // for longer than any channel it opens (channels are dropped first).
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
                 Ok(()) => registered = true,
-                Err(e) => tracing::warn!(path = %self.path.display(), "fixed buffers not registered: {e}"),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "fixed buffers not registered: {e}")
+                }
             }
         }
         Ok(Box::new(UringChannel {
@@ -219,19 +250,27 @@ impl IoChannel for UringChannel {
         let fixed = self.registered && req.buf_index != BUF_INDEX_NONE;
         let rw_flags = if req.fua { libc::RWF_DSYNC } else { 0 };
         let entry = match req.kind {
-            IoKind::Read if fixed => opcode::ReadFixed::new(FILE, req.buf, req.len_bytes, req.buf_index)
+            IoKind::Read if fixed => {
+                opcode::ReadFixed::new(FILE, req.buf, req.len_bytes, req.buf_index)
+                    .offset(req.offset_bytes)
+                    .build()
+            }
+            IoKind::Read => opcode::Read::new(FILE, req.buf, req.len_bytes)
                 .offset(req.offset_bytes)
                 .build(),
-            IoKind::Read => opcode::Read::new(FILE, req.buf, req.len_bytes).offset(req.offset_bytes).build(),
-            IoKind::Write if fixed => opcode::WriteFixed::new(FILE, req.buf, req.len_bytes, req.buf_index)
-                .offset(req.offset_bytes)
-                .rw_flags(rw_flags)
-                .build(),
+            IoKind::Write if fixed => {
+                opcode::WriteFixed::new(FILE, req.buf, req.len_bytes, req.buf_index)
+                    .offset(req.offset_bytes)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
             IoKind::Write => opcode::Write::new(FILE, req.buf, req.len_bytes)
                 .offset(req.offset_bytes)
                 .rw_flags(rw_flags)
                 .build(),
-            IoKind::Flush => opcode::Fsync::new(FILE).flags(types::FsyncFlags::DATASYNC).build(),
+            IoKind::Flush => opcode::Fsync::new(FILE)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             IoKind::WriteZeroes => opcode::Fallocate::new(FILE, req.len_bytes as u64)
                 .offset(req.offset_bytes)
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
@@ -265,7 +304,9 @@ impl IoChannel for UringChannel {
         let n = self.queued;
         match self.ring.submit() {
             Ok(_) => self.queued = 0,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    || e.raw_os_error() == Some(libc::EAGAIN) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
         }
         n
@@ -277,7 +318,10 @@ impl IoChannel for UringChannel {
         let mut cq = self.ring.completion();
         cq.sync();
         for (slot, cqe) in out.iter_mut().zip(&mut cq) {
-            *slot = Completion { tag: cqe.user_data(), result: cqe.result().min(0) };
+            *slot = Completion {
+                tag: cqe.user_data(),
+                result: cqe.result().min(0),
+            };
             n += 1;
         }
         drop(cq);

@@ -52,15 +52,33 @@ fn check(rc: i32, what: &str) -> std::io::Result<i32> {
 impl Parker {
     pub fn new() -> std::io::Result<Parker> {
         // SAFETY: plain syscalls with constant flags; results are checked.
-        let epoll = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }, "epoll_create1")?;
+        let epoll = check(
+            unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
+            "epoll_create1",
+        )?;
         // SAFETY: as above.
-        let eventfd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }, "eventfd")?;
+        let eventfd = check(
+            unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
+            "eventfd",
+        )?;
         // SAFETY: as above.
         let timerfd = check(
-            unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) },
+            unsafe {
+                libc::timerfd_create(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+                )
+            },
             "timerfd_create",
         )?;
-        let parker = Parker { epoll, timerfd, waker: Arc::new(Waker { eventfd, sleeping: AtomicBool::new(false) }) };
+        let parker = Parker {
+            epoll,
+            timerfd,
+            waker: Arc::new(Waker {
+                eventfd,
+                sleeping: AtomicBool::new(false),
+            }),
+        };
         parker.watch(eventfd)?;
         parker.watch(timerfd)?;
         Ok(parker)
@@ -72,7 +90,10 @@ impl Parker {
 
     /// Adds an fd (edge-triggered readability) to the set that wakes the reactor.
     pub fn watch(&self, fd: RawFd) -> std::io::Result<()> {
-        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: fd as u64 };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: fd as u64,
+        };
         // SAFETY: `ev` is a valid epoll_event; the kernel copies it.
         let rc = unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) };
         if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
@@ -108,15 +129,35 @@ impl Parker {
         }
         if let Some(d) = deadline_ns {
             let spec = libc::itimerspec {
-                it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-                it_value: libc::timespec { tv_sec: (d / 1_000_000_000) as i64, tv_nsec: (d % 1_000_000_000) as i64 },
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: (d / 1_000_000_000) as i64,
+                    tv_nsec: (d % 1_000_000_000) as i64,
+                },
             };
             // SAFETY: valid itimerspec; absolute CLOCK_MONOTONIC time, the clock of now_ns().
-            unsafe { libc::timerfd_settime(self.timerfd, libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut()) };
+            unsafe {
+                libc::timerfd_settime(
+                    self.timerfd,
+                    libc::TFD_TIMER_ABSTIME,
+                    &spec,
+                    std::ptr::null_mut(),
+                )
+            };
         }
         let mut events: [libc::epoll_event; 32] = [libc::epoll_event { events: 0, u64: 0 }; 32];
         // SAFETY: `events` has room for 32 entries, as we tell the kernel.
-        let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), 32, if deadline_ns.is_some() { 1000 } else { 200 }) };
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll,
+                events.as_mut_ptr(),
+                32,
+                if deadline_ns.is_some() { 1000 } else { 200 },
+            )
+        };
         self.waker.sleeping.store(false, Ordering::SeqCst);
         let mut buf = 0u64;
         for ev in events.iter().take(n.max(0) as usize) {

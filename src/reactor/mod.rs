@@ -91,7 +91,12 @@ pub struct ReactorConfig {
 
 impl Default for ReactorConfig {
     fn default() -> Self {
-        ReactorConfig { mode: PollMode::Adaptive, idle_spin_us: 20, dma_buf_bytes: 128 << 10, dma_buf_count: 512 }
+        ReactorConfig {
+            mode: PollMode::Adaptive,
+            idle_spin_us: 20,
+            dma_buf_bytes: 128 << 10,
+            dma_buf_count: 512,
+        }
     }
 }
 
@@ -129,7 +134,10 @@ impl ReactorHandle {
     }
 
     /// Runs `f` on the reactor and waits for its result.
-    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut Reactor) -> R + Send + 'static) -> Option<R> {
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Reactor) -> R + Send + 'static,
+    ) -> Option<R> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if !self.send(move |r| {
             let _ = tx.send(f(r));
@@ -171,13 +179,36 @@ pub struct Reactor {
 
 impl Reactor {
     /// Creates a reactor to be driven on the current thread (tests, `kiln sim`).
-    pub fn new(id: usize, core: Option<usize>, config: ReactorConfig) -> std::io::Result<(Reactor, ReactorHandle)> {
+    pub fn new(
+        id: usize,
+        core: Option<usize>,
+        config: ReactorConfig,
+    ) -> std::io::Result<(Reactor, ReactorHandle)> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let parker = Parker::new()?;
         let stats = Arc::new(ReactorStats::default());
-        let handle = ReactorHandle { id, core, tx, parker: parker.waker(), stats: stats.clone() };
+        let handle = ReactorHandle {
+            id,
+            core,
+            tx,
+            parker: parker.waker(),
+            stats: stats.clone(),
+        };
         let pool = DmaPool::new(config.dma_buf_bytes, config.dma_buf_count)?;
-        Ok((Reactor { id, core, config, pool, parker, pollers: Vec::new(), rx, stop: false, stats }, handle))
+        Ok((
+            Reactor {
+                id,
+                core,
+                config,
+                pool,
+                parker,
+                pollers: Vec::new(),
+                rx,
+                stop: false,
+                stats,
+            },
+            handle,
+        ))
     }
 
     pub fn add_poller(&mut self, p: Box<dyn Poller>) {
@@ -206,7 +237,11 @@ impl Reactor {
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        let mut ctx = PollCtx { reactor_id: self.id, pool: &mut self.pool, parker: &self.parker };
+        let mut ctx = PollCtx {
+            reactor_id: self.id,
+            pool: &mut self.pool,
+            parker: &self.parker,
+        };
         let mut i = 0;
         while i < self.pollers.len() {
             match self.pollers[i].poll(&mut ctx) {
@@ -266,12 +301,20 @@ impl Reactor {
             if idle_since_ns == 0 {
                 idle_since_ns = now;
             }
-            let spin_limit_ns = if gap_ewma_ns > 2 * idle_spin_ns { 0 } else { idle_spin_ns };
+            let spin_limit_ns = if gap_ewma_ns > 2 * idle_spin_ns {
+                0
+            } else {
+                idle_spin_ns
+            };
             if now - idle_since_ns < spin_limit_ns {
                 std::hint::spin_loop();
                 continue;
             }
-            let deadline = self.pollers.iter().filter_map(|p| p.next_deadline_ns()).min();
+            let deadline = self
+                .pollers
+                .iter()
+                .filter_map(|p| p.next_deadline_ns())
+                .min();
             if deadline.is_some_and(|d| d <= now) {
                 continue;
             }
@@ -293,41 +336,52 @@ pub struct Reactors {
 impl Reactors {
     /// Starts one reactor per entry of `cores`, pinned to that core.
     pub fn start(cores: &[usize], config: &ReactorConfig) -> std::io::Result<Reactors> {
-        let available: Vec<usize> =
-            core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+        let available: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for (id, &core) in cores.iter().enumerate() {
             if !available.is_empty() && !available.contains(&core) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("core {core} is not available to this process (available: {available:?})"),
+                    format!(
+                        "core {core} is not available to this process (available: {available:?})"
+                    ),
                 ));
             }
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let config = config.clone();
-            let thread = std::thread::Builder::new().name(format!("reactor{id}")).spawn(move || {
-                let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core });
-                if !pinned {
-                    tracing::warn!(reactor = id, core, "could not pin reactor to its core");
-                }
-                match Reactor::new(id, Some(core), config) {
-                    Ok((mut reactor, handle)) => {
-                        let _ = ready_tx.send(Ok(handle));
-                        reactor.run();
+            let thread = std::thread::Builder::new()
+                .name(format!("reactor{id}"))
+                .spawn(move || {
+                    let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                    if !pinned {
+                        tracing::warn!(reactor = id, core, "could not pin reactor to its core");
                     }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                    match Reactor::new(id, Some(core), config) {
+                        Ok((mut reactor, handle)) => {
+                            let _ = ready_tx.send(Ok(handle));
+                            reactor.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
                     }
-                }
-            })?;
+                })?;
             let handle = ready_rx
                 .recv()
                 .map_err(|_| std::io::Error::other("reactor thread died during start"))??;
             handles.push(handle);
             threads.push(thread);
         }
-        Ok(Reactors { handles, threads, stopped: Arc::new(AtomicBool::new(false)) })
+        Ok(Reactors {
+            handles,
+            threads,
+            stopped: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Stops every reactor and joins its thread.

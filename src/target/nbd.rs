@@ -30,7 +30,9 @@ pub enum NbdMsg {
     /// A freshly accepted socket.
     Connection { fd: OwnedFd, peer: String },
     /// Stop reading requests; finish what is in flight, then close everything.
-    Drain { done: crossbeam_channel::Sender<usize> },
+    Drain {
+        done: crossbeam_channel::Sender<usize>,
+    },
 }
 
 /// Limits applied per connection and per reactor.
@@ -88,7 +90,8 @@ struct Conn {
     dead: bool,
 }
 
-const RX_BYTES: usize = 64 << 10;
+/// Holds the largest legal handshake option (16 + 64 KiB) with room to spare.
+const RX_BYTES: usize = 80 << 10;
 
 pub struct NbdPoller {
     io: VolumeIo,
@@ -129,7 +132,17 @@ impl NbdPoller {
         limits: NbdLimits,
         live: Arc<AtomicUsize>,
     ) -> NbdPoller {
-        NbdPoller { io, conns: Vec::new(), generation: 0, inbox, hs_config, limits, live, draining: None, watched: Vec::new() }
+        NbdPoller {
+            io,
+            conns: Vec::new(),
+            generation: 0,
+            inbox,
+            hs_config,
+            limits,
+            live,
+            draining: None,
+            watched: Vec::new(),
+        }
     }
 
     /// Registers the engine's channel fds with the parker (once).
@@ -165,7 +178,14 @@ impl NbdPoller {
             rx_len: 0,
             hs_out,
             hs_sent: 0,
-            slots: vec![Slot { req: Request::default(), buf: None, reject: 0 }; qd],
+            slots: vec![
+                Slot {
+                    req: Request::default(),
+                    buf: None,
+                    reject: 0
+                };
+                qd
+            ],
             free_slots: (0..qd as u16).rev().collect(),
             outq: VecDeque::with_capacity(qd),
             inflight: 0,
@@ -185,17 +205,35 @@ impl NbdPoller {
     /// Queues the reply for a finished request.
     fn reply(conn: &mut Conn, slot: u16, error: u32) {
         let s = conn.slots[slot as usize];
-        let mut out =
-            Out { hdr: [0; 32], hdr_len: 0, data: std::ptr::null(), data_len: 0, sent: 0, slot: Some(slot) };
+        let mut out = Out {
+            hdr: [0; 32],
+            hdr_len: 0,
+            data: std::ptr::null(),
+            data_len: 0,
+            sent: 0,
+            slot: Some(slot),
+        };
         let is_read_ok = s.req.kind == proto::NBD_CMD_READ && error == 0;
         if conn.structured && s.req.kind == proto::NBD_CMD_READ {
             if is_read_ok {
                 let mut h = [0u8; proto::OFFSET_DATA_HEADER_BYTES];
-                proto::encode_offset_data_header(&mut h, proto::NBD_REPLY_FLAG_DONE, s.req.cookie, s.req.offset, s.req.length);
+                proto::encode_offset_data_header(
+                    &mut h,
+                    proto::NBD_REPLY_FLAG_DONE,
+                    s.req.cookie,
+                    s.req.offset,
+                    s.req.length,
+                );
                 out.hdr[..h.len()].copy_from_slice(&h);
                 out.hdr_len = h.len() as u8;
             } else {
-                let n = proto::encode_error_chunk(&mut out.hdr, proto::NBD_REPLY_FLAG_DONE, s.req.cookie, error, "");
+                let n = proto::encode_error_chunk(
+                    &mut out.hdr,
+                    proto::NBD_REPLY_FLAG_DONE,
+                    s.req.cookie,
+                    error,
+                    "",
+                );
                 out.hdr_len = n as u8;
             }
         } else {
@@ -226,7 +264,14 @@ impl NbdPoller {
         while conn.hs_sent < conn.hs_out.len() {
             let rest = &conn.hs_out[conn.hs_sent..];
             // SAFETY: sending from a valid slice we own.
-            let n = unsafe { libc::send(fd, rest.as_ptr() as *const libc::c_void, rest.len(), libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    rest.as_ptr() as *const libc::c_void,
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
@@ -239,7 +284,10 @@ impl NbdPoller {
             conn.hs_sent = 0;
         }
         while !conn.outq.is_empty() {
-            let mut iov: [libc::iovec; 32] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 32];
+            let mut iov: [libc::iovec; 32] = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 32];
             let mut n_iov = 0;
             for o in conn.outq.iter().take(16) {
                 let hl = o.hdr_len as u32;
@@ -253,8 +301,9 @@ impl NbdPoller {
                 if o.data_len > 0 {
                     let done = o.sent.saturating_sub(hl);
                     // SAFETY: done < data_len, inside the slot's DMA buffer.
+                    let base = unsafe { o.data.add(done as usize) };
                     iov[n_iov] = libc::iovec {
-                        iov_base: unsafe { o.data.add(done as usize) } as *mut libc::c_void,
+                        iov_base: base as *mut libc::c_void,
                         iov_len: (o.data_len - done) as usize,
                     };
                     n_iov += 1;
@@ -312,7 +361,14 @@ impl NbdPoller {
                 let buf = s.buf.expect("payload slot has a buffer");
                 let want = s.req.length - have;
                 // SAFETY: have < length <= buffer size; the buffer is owned by this slot.
-                let n = unsafe { libc::recv(fd, buf.ptr.add(have as usize) as *mut libc::c_void, want as usize, 0) };
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        buf.ptr.add(have as usize) as *mut libc::c_void,
+                        want as usize,
+                        0,
+                    )
+                };
                 if n == 0 {
                     return (progress, true);
                 }
@@ -353,7 +409,12 @@ impl NbdPoller {
             }
             // SAFETY: receiving into the unused tail of our own buffer.
             let n = unsafe {
-                libc::recv(fd, conn.rx[conn.rx_len..].as_mut_ptr() as *mut libc::c_void, conn.rx.len() - conn.rx_len, 0)
+                libc::recv(
+                    fd,
+                    conn.rx[conn.rx_len..].as_mut_ptr() as *mut libc::c_void,
+                    conn.rx.len() - conn.rx_len,
+                    0,
+                )
             };
             if n == 0 {
                 return (progress, true);
@@ -382,7 +443,9 @@ impl NbdPoller {
                     return Ok(false);
                 }
                 let hs = conn.hs.as_mut().expect("handshake state");
-                let (used, step) = hs.feed(&conn.rx[..conn.rx_len], &mut conn.hs_out).map_err(|e| e.to_string())?;
+                let (used, step) = hs
+                    .feed(&conn.rx[..conn.rx_len], &mut conn.hs_out)
+                    .map_err(|e| e.to_string())?;
                 conn.rx.copy_within(used..conn.rx_len, 0);
                 conn.rx_len -= used;
                 match step {
@@ -406,12 +469,18 @@ impl NbdPoller {
                 if conn.rx_len < proto::REQUEST_HEADER_BYTES {
                     return Ok(false);
                 }
-                let Some(&slot) = conn.free_slots.last() else { return Ok(false) };
-                let hdr: [u8; proto::REQUEST_HEADER_BYTES] = conn.rx[..proto::REQUEST_HEADER_BYTES].try_into().unwrap();
+                let Some(&slot) = conn.free_slots.last() else {
+                    return Ok(false);
+                };
+                let hdr: [u8; proto::REQUEST_HEADER_BYTES] =
+                    conn.rx[..proto::REQUEST_HEADER_BYTES].try_into().unwrap();
                 let req = proto::parse_request(&hdr).map_err(|e| e.to_string())?;
                 let export = &hs_config.exports[conn.export as usize];
                 if proto::reject_requires_disconnect(&req, limits.max_payload_bytes) {
-                    return Err(format!("write of {} bytes above the {} byte limit", req.length, limits.max_payload_bytes));
+                    return Err(format!(
+                        "write of {} bytes above the {} byte limit",
+                        req.length, limits.max_payload_bytes
+                    ));
                 }
                 if req.kind == proto::NBD_CMD_DISC {
                     conn.rx_len = 0;
@@ -432,7 +501,8 @@ impl NbdPoller {
                         e
                     }
                 };
-                let needs_buf = reject == 0 && req.kind == proto::NBD_CMD_READ || req.kind == proto::NBD_CMD_WRITE;
+                let needs_buf = reject == 0 && req.kind == proto::NBD_CMD_READ
+                    || req.kind == proto::NBD_CMD_WRITE;
                 let buf = if needs_buf {
                     match pool.alloc() {
                         Some(b) => Some(b),
@@ -443,7 +513,8 @@ impl NbdPoller {
                 };
                 conn.free_slots.pop();
                 conn.slots[slot as usize] = Slot { req, buf, reject };
-                conn.rx.copy_within(proto::REQUEST_HEADER_BYTES..conn.rx_len, 0);
+                conn.rx
+                    .copy_within(proto::REQUEST_HEADER_BYTES..conn.rx_len, 0);
                 conn.rx_len -= proto::REQUEST_HEADER_BYTES;
                 conn.inflight += 1;
                 if req.kind == proto::NBD_CMD_WRITE {
@@ -454,7 +525,10 @@ impl NbdPoller {
                     conn.rx.copy_within(take..conn.rx_len, 0);
                     conn.rx_len -= take;
                     if (take as u32) < req.length {
-                        conn.state = ConnState::Payload { slot, have: take as u32 };
+                        conn.state = ConnState::Payload {
+                            slot,
+                            have: take as u32,
+                        };
                         return Ok(true);
                     }
                 }
@@ -488,8 +562,16 @@ impl NbdPoller {
         let op = VolumeOp {
             volume: conn.export,
             kind,
-            offset_bytes: if kind == IoKind::Flush { 0 } else { s.req.offset },
-            len_bytes: if kind == IoKind::Flush { 0 } else { s.req.length },
+            offset_bytes: if kind == IoKind::Flush {
+                0
+            } else {
+                s.req.offset
+            },
+            len_bytes: if kind == IoKind::Flush {
+                0
+            } else {
+                s.req.length
+            },
             buf,
             buf_index,
             fua: s.req.flags & proto::NBD_CMD_FLAG_FUA != 0,

@@ -19,7 +19,11 @@ impl TierAllocator {
         if count > 0 {
             free.insert(first, count);
         }
-        TierAllocator { free, total_granules: count, free_granules: count }
+        TierAllocator {
+            free,
+            total_granules: count,
+            free_granules: count,
+        }
     }
 
     pub fn free_granules(&self) -> u64 {
@@ -53,7 +57,10 @@ impl TierAllocator {
         let (&s, &l) = self.free.range(..=start).next_back().unwrap_or_else(|| {
             panic!("recovered map claims granules {start}+{count} that are not free on the tier")
         });
-        assert!(start + count <= s + l, "recovered map claims granules {start}+{count} that are not free");
+        assert!(
+            start + count <= s + l,
+            "recovered map claims granules {start}+{count} that are not free"
+        );
         self.free.remove(&s);
         if start > s {
             self.free.insert(s, start - s);
@@ -77,7 +84,10 @@ impl TierAllocator {
             }
         }
         if let Some((&ns, &nl)) = self.free.range(start..).next() {
-            assert!(start + count <= ns, "double free of granules {start}+{count}");
+            assert!(
+                start + count <= ns,
+                "double free of granules {start}+{count}"
+            );
             if start + count == ns {
                 self.free.remove(&ns);
                 l += nl;

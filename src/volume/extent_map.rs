@@ -39,7 +39,10 @@ pub fn decode(entry: u64) -> Option<Location> {
     if entry == 0 {
         None
     } else {
-        Some(Location { tier: ((entry >> TIER_SHIFT) - 1) as u8, phys_granule: entry & PHYS_MASK })
+        Some(Location {
+            tier: ((entry >> TIER_SHIFT) - 1) as u8,
+            phys_granule: entry & PHYS_MASK,
+        })
     }
 }
 
@@ -52,7 +55,10 @@ impl ExtentMap {
     pub fn new(size_bytes: u64, granule_bytes: u64) -> ExtentMap {
         assert!(granule_bytes.is_power_of_two() && size_bytes % granule_bytes == 0);
         let n = (size_bytes / granule_bytes) as usize;
-        ExtentMap { granule_bytes, entries: (0..n).map(|_| AtomicU64::new(0)).collect() }
+        ExtentMap {
+            granule_bytes,
+            entries: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     pub fn granules(&self) -> u64 {
@@ -67,9 +73,15 @@ impl ExtentMap {
     /// Maps `count` granules from `first` to consecutive physical granules.
     /// Only the metadata service calls this, after the journal is durable.
     pub fn set_run(&self, first: u64, count: u64, loc: Option<Location>) {
-        assert!(first + count <= self.granules(), "map run past the end of the volume");
+        assert!(
+            first + count <= self.granules(),
+            "map run past the end of the volume"
+        );
         for i in 0..count {
-            let l = loc.map(|l| Location { tier: l.tier, phys_granule: l.phys_granule + i });
+            let l = loc.map(|l| Location {
+                tier: l.tier,
+                phys_granule: l.phys_granule + i,
+            });
             self.entries[(first + i) as usize].store(encode(l), Ordering::Release);
         }
     }
@@ -82,7 +94,9 @@ impl ExtentMap {
             if let Some(last) = runs.last_mut() {
                 let contiguous = match (last.2, loc) {
                     (None, None) => true,
-                    (Some(a), Some(b)) => a.tier == b.tier && a.phys_granule + last.1 == b.phys_granule,
+                    (Some(a), Some(b)) => {
+                        a.tier == b.tier && a.phys_granule + last.1 == b.phys_granule
+                    }
                     _ => false,
                 };
                 if contiguous {
@@ -100,7 +114,12 @@ impl ExtentMap {
     /// len, target)` per piece, where `target` is `(tier, physical byte
     /// offset)`, or None for unmapped space.
     #[inline]
-    pub fn for_each_piece(&self, offset: u64, len: u64, mut f: impl FnMut(u64, u64, Option<(u8, u64)>)) {
+    pub fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, Option<(u8, u64)>),
+    ) {
         let g = self.granule_bytes;
         let end = offset + len;
         let mut pos = offset;
@@ -113,7 +132,10 @@ impl ExtentMap {
                 let next = self.get(piece_end / g);
                 let continues = match (loc, next) {
                     (None, None) => true,
-                    (Some(a), Some(b)) => a.tier == b.tier && b.phys_granule == a.phys_granule + (piece_end / g - granule),
+                    (Some(a), Some(b)) => {
+                        a.tier == b.tier
+                            && b.phys_granule == a.phys_granule + (piece_end / g - granule)
+                    }
                     _ => false,
                 };
                 if !continues {
@@ -122,7 +144,11 @@ impl ExtentMap {
                 piece_end = (piece_end + g).min(end);
             }
             let in_granule = pos % g;
-            f(pos, piece_end - pos, loc.map(|l| (l.tier, l.phys_granule * g + in_granule)));
+            f(
+                pos,
+                piece_end - pos,
+                loc.map(|l| (l.tier, l.phys_granule * g + in_granule)),
+            );
             pos = piece_end;
         }
     }
@@ -137,19 +163,56 @@ mod tests {
         let m = ExtentMap::new(1 << 20, 64 << 10);
         assert_eq!(m.granules(), 16);
         assert_eq!(m.get(3), None);
-        m.set_run(4, 4, Some(Location { tier: 1, phys_granule: 100 }));
-        assert_eq!(m.get(5), Some(Location { tier: 1, phys_granule: 101 }));
+        m.set_run(
+            4,
+            4,
+            Some(Location {
+                tier: 1,
+                phys_granule: 100,
+            }),
+        );
+        assert_eq!(
+            m.get(5),
+            Some(Location {
+                tier: 1,
+                phys_granule: 101
+            })
+        );
         let runs = m.runs();
         assert_eq!(runs.len(), 3);
-        assert_eq!(runs[1], (4, 4, Some(Location { tier: 1, phys_granule: 100 })));
+        assert_eq!(
+            runs[1],
+            (
+                4,
+                4,
+                Some(Location {
+                    tier: 1,
+                    phys_granule: 100
+                })
+            )
+        );
     }
 
     #[test]
     fn pieces_split_at_run_boundaries() {
         let g = 64 << 10;
         let m = ExtentMap::new(1 << 20, g);
-        m.set_run(0, 2, Some(Location { tier: 0, phys_granule: 10 }));
-        m.set_run(2, 2, Some(Location { tier: 1, phys_granule: 0 }));
+        m.set_run(
+            0,
+            2,
+            Some(Location {
+                tier: 0,
+                phys_granule: 10,
+            }),
+        );
+        m.set_run(
+            2,
+            2,
+            Some(Location {
+                tier: 1,
+                phys_granule: 0,
+            }),
+        );
         let mut pieces = Vec::new();
         // From the middle of granule 1 to the middle of granule 4.
         m.for_each_piece(g + 4096, 3 * g, |o, l, loc| pieces.push((o, l, loc)));

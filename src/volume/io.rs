@@ -17,7 +17,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::journal::MetaRequest;
 use super::Volume;
-use crate::bdev::{BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError, BUF_INDEX_NONE};
+use crate::bdev::{
+    BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError,
+    BUF_INDEX_NONE,
+};
 use crate::clock::now_ns;
 use crate::dma::DmaPool;
 use crate::metrics::{IoOp, Metrics, TierIoHandle, VolumeIoHandle};
@@ -86,7 +89,13 @@ fn op_index(kind: IoKind) -> usize {
     }
 }
 
-const OPS: [IoOp; 5] = [IoOp::Read, IoOp::Write, IoOp::Flush, IoOp::Trim, IoOp::WriteZeroes];
+const OPS: [IoOp; 5] = [
+    IoOp::Read,
+    IoOp::Write,
+    IoOp::Flush,
+    IoOp::Trim,
+    IoOp::WriteZeroes,
+];
 
 impl VolumeIo {
     /// Opens this reactor's channels on every tier.
@@ -102,7 +111,13 @@ impl VolumeIo {
         let depth = (max_requests * 4).min(4096) as u32;
         let chans = tiers
             .iter()
-            .map(|(_, d)| d.open_channel(&ChannelOptions { queue_depth: depth, pool: Some(pool) }).map_err(|e| e.to_string()))
+            .map(|(_, d)| {
+                d.open_channel(&ChannelOptions {
+                    queue_depth: depth,
+                    pool: Some(pool),
+                })
+                .map_err(|e| e.to_string())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (map_tx, map_rx) = crossbeam_channel::unbounded();
         let idle = Req {
@@ -133,8 +148,14 @@ impl VolumeIo {
             map_tx,
             map_rx,
             reactor,
-            vol_metrics: volumes.iter().map(|v| OPS.map(|op| metrics.volume_io(&v.name, op))).collect(),
-            tier_metrics: tiers.iter().map(|(name, _)| OPS.map(|op| metrics.tier_io(name, op))).collect(),
+            vol_metrics: volumes
+                .iter()
+                .map(|v| OPS.map(|op| metrics.volume_io(&v.name, op)))
+                .collect(),
+            tier_metrics: tiers
+                .iter()
+                .map(|(name, _)| OPS.map(|op| metrics.tier_io(name, op)))
+                .collect(),
         })
     }
 
@@ -162,11 +183,23 @@ impl VolumeIo {
     /// # Safety
     /// `op.buf` must stay valid until the operation's completion is returned.
     pub unsafe fn submit(&mut self, op: VolumeOp) -> bool {
-        let Some(idx) = self.free.pop() else { return false };
+        let Some(idx) = self.free.pop() else {
+            return false;
+        };
         let vol = &self.volumes[op.volume as usize];
-        assert!(op.offset_bytes + op.len_bytes as u64 <= vol.size_bytes, "unvalidated range reached the engine");
-        self.reqs[idx as usize] = Req { op, state: ReqState::Running, pieces_left: 0, result: 0, start_ns: now_ns() };
-        let needs_map = op.kind == IoKind::Write && !vol.is_mapped(op.offset_bytes, op.len_bytes as u64);
+        assert!(
+            op.offset_bytes + op.len_bytes as u64 <= vol.size_bytes,
+            "unvalidated range reached the engine"
+        );
+        self.reqs[idx as usize] = Req {
+            op,
+            state: ReqState::Running,
+            pieces_left: 0,
+            result: 0,
+            start_ns: now_ns(),
+        };
+        let needs_map =
+            op.kind == IoKind::Write && !vol.is_mapped(op.offset_bytes, op.len_bytes as u64);
         if needs_map {
             self.reqs[idx as usize].state = ReqState::Mapping;
             let tx = self.map_tx.clone();
@@ -214,33 +247,46 @@ impl VolumeIo {
             }
             kind => {
                 let mut unmapped_write = false;
-                vol.map.for_each_piece(op.offset_bytes, op.len_bytes as u64, |logical, len, target| {
-                    let buf_off = (logical - op.offset_bytes) as usize;
-                    match (target, kind) {
-                        (None, IoKind::Read) => {
-                            // SAFETY: the target guarantees `buf` holds len_bytes (submit contract).
-                            unsafe { std::ptr::write_bytes(op.buf.add(buf_off), 0, len as usize) };
-                        }
-                        (None, IoKind::Write) => unmapped_write = true,
-                        (None, _) => {}
-                        (Some((tier, phys)), _) => {
-                            let req = IoRequest {
-                                tag,
-                                kind,
-                                offset_bytes: phys,
-                                len_bytes: len as u32,
-                                // SAFETY: buf_off < len_bytes, inside the caller's buffer.
-                                buf: if op.buf.is_null() { op.buf } else { unsafe { op.buf.add(buf_off) } },
-                                buf_index: op.buf_index,
-                                fua: op.fua,
-                            };
-                            if self.push_piece(tier as usize, req) {
-                                pieces += 1;
+                vol.map.for_each_piece(
+                    op.offset_bytes,
+                    op.len_bytes as u64,
+                    |logical, len, target| {
+                        let buf_off = (logical - op.offset_bytes) as usize;
+                        match (target, kind) {
+                            (None, IoKind::Read) => {
+                                // SAFETY: the target guarantees `buf` holds len_bytes (submit contract).
+                                unsafe {
+                                    std::ptr::write_bytes(op.buf.add(buf_off), 0, len as usize)
+                                };
+                            }
+                            (None, IoKind::Write) => unmapped_write = true,
+                            (None, _) => {}
+                            (Some((tier, phys)), _) => {
+                                let req = IoRequest {
+                                    tag,
+                                    kind,
+                                    offset_bytes: phys,
+                                    len_bytes: len as u32,
+                                    buf: if op.buf.is_null() {
+                                        op.buf
+                                    } else {
+                                        // SAFETY: buf_off < len_bytes, inside the caller's buffer.
+                                        unsafe { op.buf.add(buf_off) }
+                                    },
+                                    buf_index: op.buf_index,
+                                    fua: op.fua,
+                                };
+                                if self.push_piece(tier as usize, req) {
+                                    pieces += 1;
+                                }
                             }
                         }
-                    }
-                });
-                assert!(!unmapped_write, "write dispatched before its range was mapped");
+                    },
+                );
+                assert!(
+                    !unmapped_write,
+                    "write dispatched before its range was mapped"
+                );
             }
         }
         let r = &mut self.reqs[idx as usize];
@@ -281,12 +327,14 @@ impl VolumeIo {
         match r.op.kind {
             IoKind::Read => {
                 s.read_ios.fetch_add(1, Ordering::Relaxed);
-                s.read_bytes.fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
+                s.read_bytes
+                    .fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
                 s.read_latency_ns_total.fetch_add(lat, Ordering::Relaxed);
             }
             IoKind::Write => {
                 s.write_ios.fetch_add(1, Ordering::Relaxed);
-                s.write_bytes.fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
+                s.write_bytes
+                    .fetch_add(r.op.len_bytes as u64, Ordering::Relaxed);
                 s.write_latency_ns_total.fetch_add(lat, Ordering::Relaxed);
             }
             _ => {
@@ -296,7 +344,11 @@ impl VolumeIo {
         if r.result != 0 {
             s.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.vol_metrics[r.op.volume as usize][op_index(r.op.kind)].record(r.op.len_bytes as u64, lat, r.result == 0);
+        self.vol_metrics[r.op.volume as usize][op_index(r.op.kind)].record(
+            r.op.len_bytes as u64,
+            lat,
+            r.result == 0,
+        );
         self.reqs[idx as usize].state = ReqState::Free;
         self.free.push(idx);
         self.done.push_back((r.op.token, r.result));
@@ -348,7 +400,11 @@ impl VolumeIo {
                     debug_assert_eq!(r.state, ReqState::Running);
                     if c.result < 0 && r.result == 0 {
                         r.result = c.result;
-                        tracing::warn!(tier = t, "tier I/O failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                        tracing::warn!(
+                            tier = t,
+                            "tier I/O failed: {}",
+                            std::io::Error::from_raw_os_error(-c.result)
+                        );
                     }
                     r.pieces_left -= 1;
                     if r.pieces_left == 0 {

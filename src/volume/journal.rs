@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use super::allocator::TierAllocator;
 use super::extent_map::Location;
 use super::Volume;
-use crate::bdev::{submit_and_wait, BlockDevice, ChannelOptions, IoChannel, IoKind, IoRequest, BUF_INDEX_NONE};
+use crate::bdev::{
+    submit_and_wait, BlockDevice, ChannelOptions, IoChannel, IoKind, IoRequest, BUF_INDEX_NONE,
+};
 use crate::dma::AlignedBuf;
 use crate::frame;
 
@@ -85,9 +87,19 @@ pub struct Checkpoint {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Record {
     /// Granules `[first, first+count)` of `volume` now live at `phys` on `tier`.
-    Map { volume: String, first_granule: u64, count: u64, tier: u8, phys_granule: u64 },
+    Map {
+        volume: String,
+        first_granule: u64,
+        count: u64,
+        tier: u8,
+        phys_granule: u64,
+    },
     /// Granules `[first, first+count)` of `volume` are unmapped (read as zeros).
-    Unmap { volume: String, first_granule: u64, count: u64 },
+    Unmap {
+        volume: String,
+        first_granule: u64,
+        count: u64,
+    },
 }
 
 /// Usage of one tier, published for RPC and metrics.
@@ -106,13 +118,26 @@ pub struct MetaTier {
     pub usage: Arc<TierUsage>,
 }
 
+/// How the metadata service answers an allocation or unmap: 0 or a negative errno.
+pub type Reply = Box<dyn FnOnce(i32) + Send>;
+
 /// Requests to the metadata service.
 pub enum MetaRequest {
     /// Make sure every granule in the range is mapped, allocating whole chunks.
     /// The reply carries 0 or a negative errno (ENOSPC when every tier is full).
-    Allocate { volume: usize, offset_bytes: u64, len_bytes: u64, reply: Box<dyn FnOnce(i32) + Send> },
+    Allocate {
+        volume: usize,
+        offset_bytes: u64,
+        len_bytes: u64,
+        reply: Box<dyn FnOnce(i32) + Send>,
+    },
     /// Unmap whole chunks inside the range (trim), freeing their space.
-    Unmap { volume: usize, offset_bytes: u64, len_bytes: u64, reply: Box<dyn FnOnce(i32) + Send> },
+    Unmap {
+        volume: usize,
+        offset_bytes: u64,
+        len_bytes: u64,
+        reply: Box<dyn FnOnce(i32) + Send>,
+    },
     /// Write a checkpoint now.
     Checkpoint { reply: Sender<Result<u64, String>> },
     /// Final checkpoint, then exit the thread.
@@ -146,8 +171,19 @@ fn io_error(what: &str, rc: i32) -> String {
 }
 
 impl MetaService {
-    fn sync(&mut self, tier: usize, kind: IoKind, offset: u64, len: u64, fua: bool) -> Result<(), String> {
-        let buf = if matches!(kind, IoKind::Read | IoKind::Write) { self.buf.as_mut_ptr() } else { std::ptr::null_mut() };
+    fn sync(
+        &mut self,
+        tier: usize,
+        kind: IoKind,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), String> {
+        let buf = if matches!(kind, IoKind::Read | IoKind::Write) {
+            self.buf.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        };
         assert!(len as usize <= self.buf.len() || !matches!(kind, IoKind::Read | IoKind::Write));
         let req = IoRequest {
             tag: 1,
@@ -161,7 +197,13 @@ impl MetaService {
         // SAFETY: `buf` is our own AlignedBuf, alive and untouched until the call returns.
         let rc = unsafe { submit_and_wait(self.chans[tier].as_mut(), &req) };
         if rc < 0 {
-            return Err(io_error(&format!("tier {} {:?} at {offset}+{len}", self.tiers[tier].name, kind), rc));
+            return Err(io_error(
+                &format!(
+                    "tier {} {:?} at {offset}+{len}",
+                    self.tiers[tier].name, kind
+                ),
+                rc,
+            ));
         }
         Ok(())
     }
@@ -169,7 +211,9 @@ impl MetaService {
     fn write_frame_block(&mut self, offset: u64, bytes: &[u8], limit: u64) -> Result<(), String> {
         let len = (bytes.len() as u64).max(1).next_multiple_of(BLOCK_BYTES);
         if len > limit {
-            return Err(format!("metadata of {len} bytes exceeds its region of {limit} bytes"));
+            return Err(format!(
+                "metadata of {len} bytes exceeds its region of {limit} bytes"
+            ));
         }
         if len as usize > self.buf.len() {
             self.buf = AlignedBuf::zeroed(len as usize);
@@ -205,9 +249,19 @@ impl MetaService {
                 ));
             }
             if !info.persistent {
-                return Err(format!("tier '{}': device {} does not store data", t.name, info.name));
+                return Err(format!(
+                    "tier '{}': device {} does not store data",
+                    t.name, info.name
+                ));
             }
-            chans.push(t.device.open_channel(&ChannelOptions { queue_depth: 4, pool: None }).map_err(|e| e.to_string())?);
+            chans.push(
+                t.device
+                    .open_channel(&ChannelOptions {
+                        queue_depth: 4,
+                        pool: None,
+                    })
+                    .map_err(|e| e.to_string())?,
+            );
         }
         if tiers[0].capacity_bytes < META_BYTES + GRANULE_BYTES {
             return Err(format!(
@@ -220,7 +274,11 @@ impl MetaService {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let first = if i == 0 { META_BYTES / GRANULE_BYTES } else { 0 };
+                let first = if i == 0 {
+                    META_BYTES / GRANULE_BYTES
+                } else {
+                    0
+                };
                 TierAllocator::new(first, t.capacity_bytes / GRANULE_BYTES - first)
             })
             .collect();
@@ -230,7 +288,13 @@ impl MetaService {
             allocators,
             volumes,
             orphans: Vec::new(),
-            state: JournalState { generation: 0, checkpoint_slot: 0, next_seq: 1, log_pos: 0, replayed_records: 0 },
+            state: JournalState {
+                generation: 0,
+                checkpoint_slot: 0,
+                next_seq: 1,
+                log_pos: 0,
+                replayed_records: 0,
+            },
             buf: AlignedBuf::zeroed(1 << 20),
         };
         svc.recover()?;
@@ -239,7 +303,10 @@ impl MetaService {
     }
 
     fn tier_table(&self) -> Vec<(String, u64)> {
-        self.tiers.iter().map(|t| (t.name.clone(), t.capacity_bytes)).collect()
+        self.tiers
+            .iter()
+            .map(|t| (t.name.clone(), t.capacity_bytes))
+            .collect()
     }
 
     fn recover(&mut self) -> Result<(), String> {
@@ -256,9 +323,16 @@ impl MetaService {
                         best = Some(sb);
                     }
                 }
-                Ok((_, sb, _)) => return Err(format!("superblock version {} is not supported (this is {FORMAT_VERSION})", sb.version)),
+                Ok((_, sb, _)) => {
+                    return Err(format!(
+                        "superblock version {} is not supported (this is {FORMAT_VERSION})",
+                        sb.version
+                    ))
+                }
                 Err(e) if raw.iter().any(|&b| b != 0) => {
-                    tracing::warn!("superblock copy at {off} is unreadable ({e}); using the other copy");
+                    tracing::warn!(
+                        "superblock copy at {off} is unreadable ({e}); using the other copy"
+                    );
                 }
                 Err(_) => {}
             }
@@ -289,15 +363,22 @@ impl MetaService {
         // Checkpoint.
         let slot_off = CHECKPOINT_OFFSETS[sb.checkpoint_slot as usize];
         let head = self.read_region(slot_off, BLOCK_BYTES)?;
-        let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as u64 + frame::FRAME_HEADER_BYTES as u64;
+        let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as u64
+            + frame::FRAME_HEADER_BYTES as u64;
         if len > CHECKPOINT_BYTES_MAX {
-            return Err(format!("checkpoint in slot {} has an impossible length {len}", sb.checkpoint_slot));
+            return Err(format!(
+                "checkpoint in slot {} has an impossible length {len}",
+                sb.checkpoint_slot
+            ));
         }
         let raw = self.read_region(slot_off, len.next_multiple_of(BLOCK_BYTES))?;
         let (seq, ckpt, _) = frame::decode::<Checkpoint>(MAGIC_CHECKPOINT, &raw)
             .map_err(|e| format!("checkpoint in slot {} is corrupt: {e}", sb.checkpoint_slot))?;
         if seq != sb.checkpoint_seq {
-            return Err(format!("checkpoint sequence {seq} does not match the superblock's {}", sb.checkpoint_seq));
+            return Err(format!(
+                "checkpoint sequence {seq} does not match the superblock's {}",
+                sb.checkpoint_seq
+            ));
         }
         for image in ckpt.volumes {
             match self.volumes.iter().position(|v| v.name == image.name) {
@@ -312,7 +393,14 @@ impl MetaService {
                         ));
                     }
                     for r in &image.runs {
-                        v.map.set_run(r.first_granule, r.count, Some(Location { tier: r.tier, phys_granule: r.phys_granule }));
+                        v.map.set_run(
+                            r.first_granule,
+                            r.count,
+                            Some(Location {
+                                tier: r.tier,
+                                phys_granule: r.phys_granule,
+                            }),
+                        );
                     }
                 }
                 None => {
@@ -339,7 +427,8 @@ impl MetaService {
             }
             match frame::decode::<Record>(MAGIC_RECORD, at) {
                 Ok((seq, rec, used)) if seq == expected => {
-                    self.apply(&rec, true).map_err(|e| format!("log record {seq}: {e}"))?;
+                    self.apply(&rec, true)
+                        .map_err(|e| format!("log record {seq}: {e}"))?;
                     expected += 1;
                     replayed += 1;
                     pos += used as u64;
@@ -394,16 +483,37 @@ impl MetaService {
     fn apply(&mut self, rec: &Record, replay: bool) -> Result<(), String> {
         let find = |name: &str| self.volumes.iter().position(|v| v.name == name);
         match rec {
-            Record::Map { volume, first_granule, count, tier, phys_granule } => {
+            Record::Map {
+                volume,
+                first_granule,
+                count,
+                tier,
+                phys_granule,
+            } => {
                 let Some(i) = find(volume) else {
-                    return if replay { Ok(()) } else { Err(format!("unknown volume '{volume}'")) };
+                    return if replay {
+                        Ok(())
+                    } else {
+                        Err(format!("unknown volume '{volume}'"))
+                    };
                 };
                 if *tier as usize >= self.tiers.len() {
                     return Err(format!("record names tier {tier}, which does not exist"));
                 }
-                self.volumes[i].map.set_run(*first_granule, *count, Some(Location { tier: *tier, phys_granule: *phys_granule }));
+                self.volumes[i].map.set_run(
+                    *first_granule,
+                    *count,
+                    Some(Location {
+                        tier: *tier,
+                        phys_granule: *phys_granule,
+                    }),
+                );
             }
-            Record::Unmap { volume, first_granule, count } => {
+            Record::Unmap {
+                volume,
+                first_granule,
+                count,
+            } => {
                 let Some(i) = find(volume) else { return Ok(()) };
                 self.volumes[i].map.set_run(*first_granule, *count, None);
             }
@@ -423,7 +533,12 @@ impl MetaService {
                     .runs()
                     .into_iter()
                     .filter_map(|(first, count, loc)| {
-                        loc.map(|l| MappedRun { first_granule: first, count, tier: l.tier, phys_granule: l.phys_granule })
+                        loc.map(|l| MappedRun {
+                            first_granule: first,
+                            count,
+                            tier: l.tier,
+                            phys_granule: l.phys_granule,
+                        })
                     })
                     .collect(),
             })
@@ -433,7 +548,11 @@ impl MetaService {
         let mut bytes = Vec::new();
         frame::encode(MAGIC_CHECKPOINT, seq, &Checkpoint { volumes }, &mut bytes);
         let slot = 1 - self.state.checkpoint_slot;
-        self.write_frame_block(CHECKPOINT_OFFSETS[slot as usize], &bytes, CHECKPOINT_BYTES_MAX)?;
+        self.write_frame_block(
+            CHECKPOINT_OFFSETS[slot as usize],
+            &bytes,
+            CHECKPOINT_BYTES_MAX,
+        )?;
         let generation = self.state.generation + 1;
         let sb = Superblock {
             version: FORMAT_VERSION,
@@ -446,8 +565,14 @@ impl MetaService {
         let mut sb_bytes = Vec::new();
         frame::encode(MAGIC_SUPERBLOCK, generation, &sb, &mut sb_bytes);
         // Read it back before trusting it (assert metadata before and after writing).
-        assert!(frame::decode::<Superblock>(MAGIC_SUPERBLOCK, &sb_bytes).is_ok_and(|(_, s, _)| s == sb));
-        self.write_frame_block(SUPERBLOCK_OFFSETS[(generation % 2) as usize], &sb_bytes, SUPERBLOCK_BYTES)?;
+        assert!(
+            frame::decode::<Superblock>(MAGIC_SUPERBLOCK, &sb_bytes).is_ok_and(|(_, s, _)| s == sb)
+        );
+        self.write_frame_block(
+            SUPERBLOCK_OFFSETS[(generation % 2) as usize],
+            &sb_bytes,
+            SUPERBLOCK_BYTES,
+        )?;
         self.state.generation = generation;
         self.state.checkpoint_slot = slot;
         self.state.log_pos = 0;
@@ -470,7 +595,11 @@ impl MetaService {
         if len > LOG_BYTES {
             return Err("commit larger than the log".into());
         }
-        self.write_frame_block(LOG_OFFSET + self.state.log_pos, &bytes, LOG_BYTES - self.state.log_pos)?;
+        self.write_frame_block(
+            LOG_OFFSET + self.state.log_pos,
+            &bytes,
+            LOG_BYTES - self.state.log_pos,
+        )?;
         self.state.log_pos += len;
         self.state.next_seq += records.len() as u64;
         Ok(())
@@ -478,9 +607,18 @@ impl MetaService {
 
     fn publish_usage(&self) {
         for (t, a) in self.tiers.iter().zip(&self.allocators) {
-            t.usage.capacity_bytes.store(t.capacity_bytes, Ordering::Relaxed);
-            let reserved = if std::ptr::eq(t, &self.tiers[0]) { META_BYTES } else { 0 };
-            t.usage.used_bytes.store(a.used_granules() * GRANULE_BYTES + reserved, Ordering::Relaxed);
+            t.usage
+                .capacity_bytes
+                .store(t.capacity_bytes, Ordering::Relaxed);
+            let reserved = if std::ptr::eq(t, &self.tiers[0]) {
+                META_BYTES
+            } else {
+                0
+            };
+            t.usage.used_bytes.store(
+                a.used_granules() * GRANULE_BYTES + reserved,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -491,13 +629,18 @@ impl MetaService {
     /// Handles a batch of allocation/unmap requests with one journal commit.
     fn handle_batch(&mut self, batch: Vec<MetaRequest>) {
         let mut records = Vec::new();
-        let mut replies: Vec<(Box<dyn FnOnce(i32) + Send>, i32)> = Vec::new();
+        let mut replies: Vec<(Reply, i32)> = Vec::new();
         let mut applied: Vec<Record> = Vec::new();
         let mut to_free: Vec<(u8, u64, u64)> = Vec::new();
         let mut new_space: Vec<(u8, u64, u64)> = Vec::new();
         for req in batch {
             match req {
-                MetaRequest::Allocate { volume, offset_bytes, len_bytes, reply } => {
+                MetaRequest::Allocate {
+                    volume,
+                    offset_bytes,
+                    len_bytes,
+                    reply,
+                } => {
                     let v = self.volumes[volume].clone();
                     let chunk_granules = v.chunk_bytes / GRANULE_BYTES;
                     let first_chunk = offset_bytes / v.chunk_bytes;
@@ -516,7 +659,13 @@ impl MetaService {
                                     match self.place(1) {
                                         Some((tier, phys)) => {
                                             new_space.push((tier, phys, 1));
-                                            records.push(Record::Map { volume: v.name.clone(), first_granule: g, count: 1, tier, phys_granule: phys });
+                                            records.push(Record::Map {
+                                                volume: v.name.clone(),
+                                                first_granule: g,
+                                                count: 1,
+                                                tier,
+                                                phys_granule: phys,
+                                            });
                                         }
                                         None => rc = -libc::ENOSPC,
                                     }
@@ -527,7 +676,13 @@ impl MetaService {
                         match self.place(chunk_granules) {
                             Some((tier, phys)) => {
                                 new_space.push((tier, phys, chunk_granules));
-                                records.push(Record::Map { volume: v.name.clone(), first_granule: g0, count: chunk_granules, tier, phys_granule: phys });
+                                records.push(Record::Map {
+                                    volume: v.name.clone(),
+                                    first_granule: g0,
+                                    count: chunk_granules,
+                                    tier,
+                                    phys_granule: phys,
+                                });
                             }
                             None => {
                                 rc = -libc::ENOSPC;
@@ -540,7 +695,12 @@ impl MetaService {
                     }
                     replies.push((reply, rc));
                 }
-                MetaRequest::Unmap { volume, offset_bytes, len_bytes, reply } => {
+                MetaRequest::Unmap {
+                    volume,
+                    offset_bytes,
+                    len_bytes,
+                    reply,
+                } => {
                     let v = self.volumes[volume].clone();
                     let g = GRANULE_BYTES;
                     let first = offset_bytes.div_ceil(g);
@@ -548,7 +708,11 @@ impl MetaService {
                     for (f, count, loc) in v.map.runs() {
                         let (s, e) = (f.max(first), (f + count).min(end));
                         if let (Some(l), true) = (loc, s < e) {
-                            records.push(Record::Unmap { volume: v.name.clone(), first_granule: s, count: e - s });
+                            records.push(Record::Unmap {
+                                volume: v.name.clone(),
+                                first_granule: s,
+                                count: e - s,
+                            });
                             to_free.push((l.tier, l.phys_granule + (s - f), e - s));
                         }
                     }
@@ -560,7 +724,13 @@ impl MetaService {
         // New space must read as zeros before the map points at it.
         let mut result = Ok(());
         for &(tier, phys, count) in &new_space {
-            if let Err(e) = self.sync(tier as usize, IoKind::WriteZeroes, phys * GRANULE_BYTES, count * GRANULE_BYTES, false) {
+            if let Err(e) = self.sync(
+                tier as usize,
+                IoKind::WriteZeroes,
+                phys * GRANULE_BYTES,
+                count * GRANULE_BYTES,
+                false,
+            ) {
                 result = Err(e);
                 break;
             }
@@ -648,7 +818,14 @@ impl MetaService {
 pub fn start(
     tiers: Vec<MetaTier>,
     volumes: Vec<Arc<Volume>>,
-) -> Result<(Sender<MetaRequest>, std::thread::JoinHandle<()>, JournalState), String> {
+) -> Result<
+    (
+        Sender<MetaRequest>,
+        std::thread::JoinHandle<()>,
+        JournalState,
+    ),
+    String,
+> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let handle = std::thread::Builder::new()
@@ -663,6 +840,8 @@ pub fn start(
             }
         })
         .map_err(|e| format!("cannot start the metadata thread: {e}"))?;
-    let state = ready_rx.recv().map_err(|_| "the metadata thread died during recovery".to_string())??;
+    let state = ready_rx
+        .recv()
+        .map_err(|_| "the metadata thread died during recovery".to_string())??;
     Ok((tx, handle, state))
 }
