@@ -772,3 +772,132 @@ impl BenchReport {
         s
     }
 }
+
+/// Serves probe requests: one malloc I/O per request, replied when complete.
+struct ProbePoller {
+    chan: Box<dyn IoChannel>,
+    buf: DmaBuf,
+    rx: crossbeam_channel::Receiver<crossbeam_channel::Sender<()>>,
+    waiting: Option<crossbeam_channel::Sender<()>>,
+    reaped: [Completion; 4],
+}
+
+impl Poller for ProbePoller {
+    fn poll(&mut self, _ctx: &mut PollCtx<'_>) -> PollStatus {
+        if self.waiting.is_none() {
+            let Ok(reply) = self.rx.try_recv() else {
+                return PollStatus::Idle;
+            };
+            let req = IoRequest::read(1, 0, self.buf.ptr, 4096, self.buf.index);
+            // SAFETY: the poller owns the buffer until the completion is reaped.
+            unsafe { self.chan.submit(&req) }.expect("probe submit");
+            self.chan.submit_pending();
+            self.waiting = Some(reply);
+        }
+        if self.chan.poll_completions(&mut self.reaped) > 0 {
+            let _ = self.waiting.take().unwrap().send(());
+        }
+        PollStatus::Busy
+    }
+}
+
+fn thread_cpu_ns(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    ticks * 1_000_000_000 / hz.max(1)
+}
+
+/// `kiln probe-idle`: CPU of an idle adaptive reactor, and the latency of the
+/// first I/O after it parked against a warm one.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IdleProbeArgs {
+    /// Seconds of idleness to measure CPU over.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Core for the reactor.
+    #[arg(long, default_value_t = 0)]
+    pub core: usize,
+    /// Probe rounds for the latency comparison.
+    #[arg(long, default_value_t = 50)]
+    pub rounds: usize,
+}
+
+pub fn idle_probe(args: &IdleProbeArgs) -> Result<serde_json::Value, String> {
+    let config = ReactorConfig {
+        dma_buf_count: 8,
+        dma_buf_bytes: 4096,
+        ..ReactorConfig::default()
+    };
+    let mut reactors = Reactors::start(&[args.core], &config).map_err(|e| e.to_string())?;
+    let h = reactors.handles[0].clone();
+    let dev = bdev::open("malloc:16MiB").map_err(|e| e.to_string())?;
+    let (tx, rx) = crossbeam_channel::unbounded::<crossbeam_channel::Sender<()>>();
+    let d2 = dev.clone();
+    let tid = h
+        .call(move |r| {
+            let chan = d2
+                .open_channel(&ChannelOptions {
+                    queue_depth: 4,
+                    pool: Some(&r.pool),
+                })
+                .expect("probe channel");
+            let buf = r.pool.alloc().expect("probe buffer");
+            r.add_poller(Box::new(ProbePoller {
+                chan,
+                buf,
+                rx,
+                waiting: None,
+                reaped: [Completion::default(); 4],
+            }));
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() }
+        })
+        .ok_or("reactor died")?;
+    let probe = |tx: &crossbeam_channel::Sender<crossbeam_channel::Sender<()>>| {
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        let t0 = std::time::Instant::now();
+        tx.send(rtx).unwrap();
+        h.wake();
+        // Spin for the answer so the prober's own wake-up is not measured.
+        while rrx.try_recv().is_err() {
+            std::hint::spin_loop();
+        }
+        t0.elapsed().as_nanos() as u64
+    };
+    // Idle CPU.
+    std::thread::sleep(Duration::from_millis(200));
+    let c0 = thread_cpu_ns(tid);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    let idle_cpu = (thread_cpu_ns(tid) - c0) as f64 / t0.elapsed().as_nanos() as f64;
+    // Warm: back-to-back probes while the reactor spins; cold: after it has parked.
+    let mut warm = Vec::new();
+    let mut cold = Vec::new();
+    for _ in 0..args.rounds {
+        std::thread::sleep(Duration::from_millis(20));
+        cold.push(probe(&tx));
+        for _ in 0..5 {
+            warm.push(probe(&tx));
+        }
+    }
+    reactors.shutdown();
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (w, c) = (median(&mut warm), median(&mut cold));
+    Ok(json!({
+        "idle_seconds": args.seconds,
+        "idle_cpu_fraction": idle_cpu,
+        "warm_io_us_median": w as f64 / 1000.0,
+        "first_io_after_idle_us_median": c as f64 / 1000.0,
+        "wake_penalty_us": (c as f64 - w as f64) / 1000.0,
+    }))
+}

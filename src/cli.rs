@@ -17,6 +17,8 @@ pub enum Command {
     Rpc(RpcArgs),
     /// Run a bdevperf-like load generator on the reactors against one device.
     Bench(crate::bench::BenchArgs),
+    /// Measure an idle adaptive reactor's CPU and its first-I/O-after-idle latency.
+    ProbeIdle(crate::bench::IdleProbeArgs),
     /// Replay a block I/O trace against tiering policies in virtual time.
     Replay(crate::replay::ReplayArgs),
 }
@@ -87,6 +89,16 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Serve(args) => crate::server::serve(&args),
         Command::Rpc(args) => run_rpc(&args),
+        Command::ProbeIdle(args) => match crate::bench::idle_probe(&args) {
+            Ok(v) => {
+                println!("{v}");
+                0
+            }
+            Err(e) => {
+                eprintln!("kiln probe-idle: error: {e}");
+                1
+            }
+        },
         Command::Replay(args) => match crate::replay::run(&args) {
             Ok(()) => 0,
             Err(e) => {

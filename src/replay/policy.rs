@@ -548,6 +548,21 @@ impl S3Fifo {
         }
     }
 
+    /// Whether `x` is remembered in the ghost FIFO (recently evicted from the small FIFO).
+    pub fn in_ghost(&self, x: u32) -> bool {
+        self.at[x as usize] == S3_GHOST
+    }
+
+    /// Whether `x` is resident or in the ghost FIFO.
+    pub fn tracked(&self, x: u32) -> bool {
+        self.at[x as usize] != S3_NONE
+    }
+
+    /// Ghost FIFO capacity in pages.
+    pub fn ghost_capacity(&self) -> usize {
+        self.ghost_cap
+    }
+
     /// Admits a page that is not resident.
     pub fn insert(&mut self, x: u32) {
         let xi = x as usize;

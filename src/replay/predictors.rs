@@ -3,6 +3,7 @@
 
 use super::policy::{Lru, Policy};
 use super::trace::Trace;
+use crate::heat::{HeatConfig, HeatRecorder, HeatSampler};
 use crate::predict::{
     EwmaPredictor, LstmConfig, LstmPredictor, MarkovPredictor, Predictor, WindowObs,
 };
@@ -137,11 +138,15 @@ impl Policy for MarkovPolicy {
     }
 }
 
-/// Splits a trace into windows of per-partition observations.
+/// Splits a trace into windows of per-partition observations. Accesses are counted by the
+/// engine's lock-free [`HeatSampler`] (one recorder, as one reactor would) and each window is
+/// folded out of it, so the replay sees exactly the counts the engine's policy thread would.
 pub struct PartitionWindows {
     /// Partition of each dense page.
     pub part_of: Vec<u32>,
     pub partitions: usize,
+    sampler: HeatSampler,
+    recorder: HeatRecorder,
     counts: Vec<u32>,
     writes: Vec<u32>,
     seq: Vec<u32>,
@@ -171,9 +176,20 @@ impl PartitionWindows {
         } else {
             next as usize + 1
         };
+        let mut sampler = HeatSampler::new(
+            partitions.max(1),
+            HeatConfig {
+                windows: 1,
+                reactors_max: 1,
+                ..HeatConfig::default()
+            },
+        );
+        let recorder = sampler.handle(0);
         PartitionWindows {
             part_of,
             partitions,
+            sampler,
+            recorder,
             counts: vec![0; partitions],
             writes: vec![0; partitions],
             seq: vec![0; partitions],
@@ -193,9 +209,7 @@ impl PartitionWindows {
         for &p in pages {
             let part = self.part_of[p as usize];
             if part != last_part {
-                self.counts[part as usize] += 1;
-                self.writes[part as usize] += u32::from(trace.writes[req]);
-                self.seq[part as usize] += u32::from(sequential);
+                self.recorder.record(part, trace.writes[req], sequential);
                 if self.prev_part != u32::MAX {
                     self.trans.push((self.prev_part, part));
                 }
@@ -206,7 +220,18 @@ impl PartitionWindows {
         self.prev_last_raw = trace.raw_pages[pages[pages.len() - 1] as usize];
     }
 
-    /// The window so far.
+    /// Ends the window: folds the sampler's counts into [`PartitionWindows::obs`].
+    pub fn fold(&mut self) {
+        let map = self.sampler.fold_window();
+        let n = self.partitions;
+        for p in 0..n {
+            self.counts[p] = map.reads[p] + map.writes[p];
+        }
+        self.writes.copy_from_slice(&map.writes[..n]);
+        self.seq.copy_from_slice(&map.sequential[..n]);
+    }
+
+    /// The window folded last (call [`PartitionWindows::fold`] first).
     pub fn obs(&self) -> WindowObs<'_> {
         WindowObs {
             counts: &self.counts,
@@ -218,9 +243,6 @@ impl PartitionWindows {
 
     /// Starts a new window.
     pub fn reset(&mut self) {
-        self.counts.iter_mut().for_each(|x| *x = 0);
-        self.writes.iter_mut().for_each(|x| *x = 0);
-        self.seq.iter_mut().for_each(|x| *x = 0);
         self.trans.clear();
     }
 }
@@ -264,6 +286,7 @@ pub fn precision_report(trace: &Trace, partition_pages: u32, window_requests: u6
     for r in 0..trace.requests() {
         pw.add(trace, r);
         if (r as u64 + 1).checked_rem(window_requests) == Some(0) {
+            pw.fold();
             let obs = pw.obs();
             if windows >= warmup {
                 for (p, t) in preds.iter().zip(tallies.iter_mut()) {
