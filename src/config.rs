@@ -135,6 +135,8 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub reactor: ReactorSection,
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 /// A tier after validation, sizes in bytes.
@@ -168,6 +170,7 @@ pub struct Plan {
     pub rpc_socket: Option<String>,
     pub metrics_listen: Option<String>,
     pub reactor: ReactorSection,
+    pub policy: crate::policy::PolicyConfig,
 }
 
 fn is_name(s: &str) -> bool {
@@ -337,6 +340,7 @@ impl Config {
             rpc_socket: self.rpc.as_ref().map(|r| r.socket.clone()),
             metrics_listen: self.metrics.as_ref().map(|m| m.listen.clone()),
             reactor: self.reactor.clone(),
+            policy: self.policy.clone(),
         })
     }
 }

@@ -12,6 +12,8 @@ pub mod dma;
 pub mod frame;
 pub mod heat;
 pub mod metrics;
+pub mod migrate;
+pub mod policy;
 pub mod predict;
 pub mod reactor;
 pub mod replay;

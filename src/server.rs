@@ -18,10 +18,13 @@ use serde_json::{json, Value};
 use crate::bdev::{self, BlockDevice};
 use crate::config::{parse_listen, Config, Listen, Plan};
 use crate::metrics::{Metrics, MetricsServer};
+use crate::migrate::{MigrateTier, MigrationSettings, MigrationStats, Migrator};
+use crate::policy::{PlanTier, PolicyShared};
 use crate::reactor::{ReactorConfig, ReactorHandle, Reactors};
 use crate::rpc::{RpcError, RpcServer};
 use crate::target::nbd::{NbdLimits, NbdMsg, NbdPoller};
 use crate::target::nbd_proto::{ExportInfo, HandshakeConfig};
+use crate::volume::epoch::Epochs;
 use crate::volume::io::VolumeIo;
 use crate::volume::journal::{self, MetaRequest, MetaTier, TierUsage};
 use crate::volume::Volume;
@@ -45,6 +48,7 @@ pub struct Shared {
     pub meta_tx: Sender<MetaRequest>,
     pub reactors: Vec<ReactorHandle>,
     pub nbd_connections: Arc<AtomicUsize>,
+    pub policy: Arc<PolicyShared>,
 }
 
 fn block_signals() -> libc::sigset_t {
@@ -84,7 +88,9 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
         "kiln_get_version" => Ok(json!({"version": env!("CARGO_PKG_VERSION"), "name": "kiln"})),
         "rpc_get_methods" => Ok(json!([
             "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
-            "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats"
+            "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
+            "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
+            "volume_get_heatmap"
         ])),
         "bdev_get_bdevs" => Ok(Value::Array(
             shared
@@ -170,6 +176,58 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .map_err(|_| RpcError::internal("checkpoint timed out"))?
                 .map_err(RpcError::internal)?;
             Ok(json!({"checkpoint_seq": seq}))
+        }
+        "migration_get_status" => {
+            let mut v = shared.policy.stats.snapshot();
+            v["policy"] = json!(shared.policy.kind);
+            v["paused"] = json!(shared.policy.paused.load(Ordering::Relaxed));
+            v["windows"] = json!(shared.policy.windows.load(Ordering::Relaxed));
+            v["splits"] = json!(shared.policy.splits.load(Ordering::Relaxed));
+            v["merges"] = json!(shared.policy.merges.load(Ordering::Relaxed));
+            v["bursts"] = json!(shared.policy.bursts.load(Ordering::Relaxed));
+            v["last_plan_moves"] = json!(shared.policy.last_plan_moves.load(Ordering::Relaxed));
+            v["bandwidth_pct"] = json!(shared.policy.settings.bandwidth_pct.load(Ordering::Relaxed));
+            v["queue_depth"] = json!(shared.policy.settings.queue_depth.load(Ordering::Relaxed));
+            Ok(v)
+        }
+        "migration_set_priority" => {
+            let s = &shared.policy.settings;
+            let mut changed = false;
+            if let Some(b) = params.get("bandwidth_pct") {
+                let b = b.as_u64().filter(|b| (1..=100).contains(b)).ok_or_else(|| RpcError::invalid_params("bandwidth_pct must be 1..100"))?;
+                s.bandwidth_pct.store(b, Ordering::Relaxed);
+                changed = true;
+            }
+            if let Some(q) = params.get("queue_depth") {
+                let q = q.as_u64().filter(|q| (1..=16).contains(q)).ok_or_else(|| RpcError::invalid_params("queue_depth must be 1..16"))?;
+                s.queue_depth.store(q, Ordering::Relaxed);
+                changed = true;
+            }
+            if !changed {
+                return Err(RpcError::invalid_params("give bandwidth_pct (1..100) and/or queue_depth (1..16)"));
+            }
+            Ok(json!({"bandwidth_pct": s.bandwidth_pct.load(Ordering::Relaxed), "queue_depth": s.queue_depth.load(Ordering::Relaxed)}))
+        }
+        "policy_pause" | "policy_resume" => {
+            shared.policy.paused.store(method == "policy_pause", Ordering::Relaxed);
+            Ok(json!({"paused": method == "policy_pause"}))
+        }
+        "volume_get_heatmap" => {
+            let v = volume_param(&params)?;
+            let windows = params.get("windows").and_then(|w| w.as_u64()).unwrap_or(1).clamp(1, crate::policy::HEAT_FRAMES_MAX as u64) as usize;
+            let frames: Vec<_> = {
+                let q = shared.policy.heat[v.id].lock().unwrap();
+                q.iter().rev().take(windows).rev().cloned().collect()
+            };
+            let partitions = shared.policy.partitions[v.id].lock().unwrap().clone();
+            Ok(json!({
+                "volume": v.name,
+                "size_bytes": v.size_bytes,
+                "cell_bytes": shared.policy.cell_bytes[v.id],
+                "tiers": shared.tiers.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
+                "frames": frames,
+                "partitions": partitions,
+            }))
         }
         "reactor_get_stats" => Ok(Value::Array(
             shared
@@ -368,8 +426,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         max_payload_bytes: plan.nbd_max_payload_bytes,
     };
     let live = Arc::new(AtomicUsize::new(0));
+    let epochs = Arc::new(Epochs::new(reactors.handles.len()));
+    let (samplers, mut recorders) = crate::policy::heat_samplers(&volumes, reactors.handles.len());
     let mut inboxes = Vec::new();
-    for h in &reactors.handles {
+    for (ri, h) in reactors.handles.iter().enumerate() {
+        let (ep, recs) = (epochs.clone(), std::mem::take(&mut recorders[ri]));
         let (tx, rx) = crossbeam_channel::unbounded();
         let (vols, tiers_c, meta, hs, lim, lv, handle, m) = (
             volumes.clone(),
@@ -385,7 +446,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
             match VolumeIo::new(vols, &tiers_c, &r.pool, &m, slab, meta, Some(handle)) {
-                Ok(io) => {
+                Ok(mut io) => {
+                    io.set_epochs(ep, ri);
+                    for (vi, rec) in recs.into_iter().enumerate() {
+                        io.set_heat(vi, rec);
+                    }
                     r.add_poller(Box::new(NbdPoller::new(io, rx, hs, lim, lv)));
                     let _ = ok_tx.send(Ok(()));
                 }
@@ -410,6 +475,49 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             stop.clone(),
         )?);
     }
+    // The policy loop and its migration engine.
+    let settings = Arc::new(MigrationSettings::default());
+    let mstats = Arc::new(MigrationStats::default());
+    let plan_tiers: Vec<PlanTier> = plan
+        .tiers
+        .iter()
+        .zip(&usage)
+        .map(|(t, u)| PlanTier {
+            name: t.name.clone(),
+            read_latency_us: t.read_latency_us,
+            write_latency_us: t.write_latency_us,
+            bandwidth_mib_s: t.bandwidth_mib_s,
+            cost_per_gib_month: t.cost_per_gib_month,
+            usage: u.clone(),
+        })
+        .collect();
+    let mtiers: Vec<MigrateTier> = plan
+        .tiers
+        .iter()
+        .zip(&tiers)
+        .map(|(t, (_, d))| MigrateTier {
+            name: t.name.clone(),
+            device: d.clone(),
+            bandwidth_mib_s: t.bandwidth_mib_s,
+        })
+        .collect();
+    let (v2, m2, e2, s2, st2) = (
+        volumes.clone(),
+        meta_tx.clone(),
+        epochs.clone(),
+        settings.clone(),
+        mstats.clone(),
+    );
+    let mut policy = crate::policy::start(
+        plan.policy.clone(),
+        volumes.clone(),
+        plan_tiers,
+        samplers,
+        settings,
+        mstats,
+        move || Migrator::new(v2, mtiers, m2, e2, s2, st2),
+    )?;
+    tracing::info!(policy = ?plan.policy.policy, interval_ms = plan.policy.interval_ms, "policy loop started");
     let shared = Arc::new(Shared {
         plan: plan.clone(),
         tiers: tiers.clone(),
@@ -418,6 +526,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         meta_tx: meta_tx.clone(),
         reactors: reactors.handles.clone(),
         nbd_connections: live.clone(),
+        policy: policy.shared.clone(),
     });
     let mut rpc = match &plan.rpc_socket {
         Some(path) => {
@@ -473,6 +582,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         let _ = a.join();
     }
     let _ = gauges.join();
+    policy.stop();
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     for (h, tx) in &inboxes {
         let _ = tx.send(NbdMsg::Drain {

@@ -314,162 +314,12 @@ fn bad_configs_give_one_line_errors() {
     );
 }
 
-// ---------------------------------------------------------------------------------------------
-// A raw NBD client over TCP.
-// ---------------------------------------------------------------------------------------------
-
-struct RawClient {
-    s: TcpStream,
-    structured: bool,
-    size: u64,
-    cookie: u64,
-}
-
-fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut b = vec![0; n];
-    s.read_exact(&mut b).expect("read from server");
-    b
-}
-
-impl RawClient {
-    /// Fixed newstyle handshake ending in NBD_OPT_GO, optionally with structured replies.
-    fn connect(port: u16, structured: bool) -> RawClient {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let greeting = read_exact(&mut s, GREETING_BYTES);
-        let flags = parse_greeting(&greeting).unwrap();
-        assert_ne!(flags & NBD_FLAG_FIXED_NEWSTYLE, 0);
-        let mut out = Vec::new();
-        push_client_flags(&mut out, flags & NBD_FLAG_NO_ZEROES != 0);
-        if structured {
-            push_option(&mut out, NBD_OPT_STRUCTURED_REPLY, &[]);
-        }
-        push_info_or_go(&mut out, NBD_OPT_GO, "vol0", &[NBD_INFO_BLOCK_SIZE]);
-        s.write_all(&out).unwrap();
-        let mut size = None;
-        loop {
-            let mut raw = read_exact(&mut s, OPTION_REPLY_HEADER_BYTES);
-            let len = u32::from_be_bytes(raw[16..20].try_into().unwrap()) as usize;
-            raw.extend(read_exact(&mut s, len));
-            let (reply, used) = parse_option_reply(&raw).unwrap().expect("complete reply");
-            assert_eq!(used, raw.len());
-            assert_eq!(
-                reply.reply_type & NBD_REP_FLAG_ERROR,
-                0,
-                "option {} refused: {reply:?}",
-                reply.option
-            );
-            match (reply.option, reply.reply_type) {
-                (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK) => {}
-                (NBD_OPT_GO, NBD_REP_INFO) => {
-                    if let Info::Export { size_bytes, .. } = parse_info(reply.data).unwrap() {
-                        size = Some(size_bytes);
-                    }
-                }
-                (NBD_OPT_GO, NBD_REP_ACK) => break,
-                other => panic!("unexpected option reply {other:?}"),
-            }
-        }
-        RawClient {
-            s,
-            structured,
-            size: size.expect("NBD_INFO_EXPORT"),
-            cookie: 0,
-        }
-    }
-
-    fn send(&mut self, kind: u16, offset: u64, length: u32, payload: &[u8]) -> u64 {
-        self.cookie += 1;
-        let req = Request {
-            flags: 0,
-            kind,
-            cookie: self.cookie,
-            offset,
-            length,
-        };
-        let mut hdr = [0; REQUEST_HEADER_BYTES];
-        req.encode(&mut hdr);
-        self.s.write_all(&hdr).unwrap();
-        self.s.write_all(payload).unwrap();
-        self.cookie
-    }
-
-    /// Reads one reply to a READ of `length` bytes: Ok(data) or Err(NBD errno).
-    fn read_reply(&mut self, cookie: u64, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
-        if !self.structured {
-            let hdr = read_exact(&mut self.s, SIMPLE_REPLY_BYTES);
-            let (err, c) = parse_simple_reply(hdr[..].try_into().unwrap()).unwrap();
-            assert_eq!(c, cookie, "reply cookie");
-            if err != 0 {
-                return Err(err);
-            }
-            return Ok(read_exact(&mut self.s, length as usize));
-        }
-        let mut data = vec![0u8; length as usize];
-        let mut error = 0;
-        loop {
-            let hdr = read_exact(&mut self.s, STRUCTURED_CHUNK_HEADER_BYTES);
-            let h = parse_structured_chunk_header(hdr[..].try_into().unwrap()).unwrap();
-            assert_eq!(h.cookie, cookie, "chunk cookie");
-            let body = read_exact(&mut self.s, h.length as usize);
-            match h.kind {
-                NBD_REPLY_TYPE_OFFSET_DATA => {
-                    let at = u64::from_be_bytes(body[..8].try_into().unwrap()) - offset;
-                    data[at as usize..at as usize + body.len() - 8].copy_from_slice(&body[8..]);
-                }
-                NBD_REPLY_TYPE_OFFSET_HOLE => {
-                    let at = u64::from_be_bytes(body[..8].try_into().unwrap()) - offset;
-                    let n = u32::from_be_bytes(body[8..12].try_into().unwrap());
-                    data[at as usize..(at + n as u64) as usize].fill(0);
-                }
-                NBD_REPLY_TYPE_NONE => {}
-                k if k & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
-                    error = u32::from_be_bytes(body[..4].try_into().unwrap());
-                }
-                k => panic!("unexpected chunk type {k}"),
-            }
-            if h.flags & NBD_REPLY_FLAG_DONE != 0 {
-                break;
-            }
-        }
-        if error != 0 {
-            Err(error)
-        } else {
-            Ok(data)
-        }
-    }
-
-    fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
-        let c = self.send(NBD_CMD_READ, offset, length, &[]);
-        self.read_reply(c, offset, length)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
-        let c = self.send(NBD_CMD_WRITE, offset, data.len() as u32, data);
-        let hdr = read_exact(&mut self.s, SIMPLE_REPLY_BYTES);
-        let (err, rc) = parse_simple_reply(hdr[..].try_into().unwrap()).unwrap();
-        assert_eq!(rc, c);
-        err
-    }
-
-    fn disconnect(mut self) {
-        self.send(NBD_CMD_DISC, 0, 0, &[]);
-        // The server closes its side without a reply.
-        let mut b = [0u8; 1];
-        assert_eq!(
-            self.s.read(&mut b).unwrap_or(0),
-            0,
-            "no reply to NBD_CMD_DISC"
-        );
-    }
-}
-
 #[test]
 fn read_past_end_is_einval_and_connection_survives() {
     let k = Kiln::start("pastend", Opts::default());
     let size = k.volume_size;
-    let mut a = RawClient::connect(k.tcp_port, false);
-    let mut b = RawClient::connect(k.tcp_port, true);
+    let mut a = RawClient::tcp(k.tcp_port, false);
+    let mut b = RawClient::tcp(k.tcp_port, true);
     assert_eq!((a.size, b.size), (size, size));
 
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -515,7 +365,7 @@ fn garbage_handshake_closes_only_that_connection() {
     Rng::new(seed).fill(&mut garbage);
 
     // A well-behaved raw client connected before the garbage must keep working.
-    let mut good = RawClient::connect(k.tcp_port, false);
+    let mut good = RawClient::tcp(k.tcp_port, false);
 
     let mut s = TcpStream::connect(("127.0.0.1", k.tcp_port)).unwrap();
     let peer = s.local_addr().unwrap().to_string();

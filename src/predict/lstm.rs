@@ -204,9 +204,21 @@ impl Lstm {
 
     /// Forward over `xs` (`B x T x I`) from zero state; returns `B x T` probabilities.
     pub fn forward(&self, xs: &Array3<f64>) -> Array2<f64> {
+        let (b, _, _) = xs.dim();
+        let z = Array2::zeros((b, self.hidden));
+        self.forward_from(xs, &z, &z)
+    }
+
+    /// Forward over `xs` from the state `h0`, `c0` (`B x H`).
+    pub fn forward_from(
+        &self,
+        xs: &Array3<f64>,
+        h0: &Array2<f64>,
+        c0: &Array2<f64>,
+    ) -> Array2<f64> {
         let (b, t, _) = xs.dim();
-        let mut h = Array2::zeros((b, self.hidden));
-        let mut c = Array2::zeros((b, self.hidden));
+        let mut h = h0.clone();
+        let mut c = c0.clone();
         let mut out = Array2::zeros((b, t));
         for k in 0..t {
             let y = self.step(xs.index_axis(Axis(1), k), &mut h, &mut c);
@@ -217,7 +229,20 @@ impl Lstm {
 
     /// Weighted mean binary cross-entropy of `forward(xs)` against `targets` (`B x T`).
     pub fn loss(&self, xs: &Array3<f64>, targets: &Array2<f64>, weights: &Array2<f64>) -> f64 {
-        let y = self.forward(xs);
+        let z = Array2::zeros((xs.dim().0, self.hidden));
+        self.loss_from(xs, targets, weights, &z, &z)
+    }
+
+    /// [`Lstm::loss`] from the state `h0`, `c0`.
+    pub fn loss_from(
+        &self,
+        xs: &Array3<f64>,
+        targets: &Array2<f64>,
+        weights: &Array2<f64>,
+        h0: &Array2<f64>,
+        c0: &Array2<f64>,
+    ) -> f64 {
+        let y = self.forward_from(xs, h0, c0);
         let n = targets.len() as f64;
         let mut l = 0.0;
         for ((&p, &t), &w) in y.iter().zip(targets.iter()).zip(weights.iter()) {
@@ -227,20 +252,36 @@ impl Lstm {
         l / n
     }
 
-    /// Loss and its gradients by backpropagation through time.
+    /// Loss and its gradients by backpropagation through time, from zero state.
     pub fn loss_and_grads(
         &self,
         xs: &Array3<f64>,
         targets: &Array2<f64>,
         weights: &Array2<f64>,
     ) -> (f64, LstmGrads) {
+        let z = Array2::zeros((xs.dim().0, self.hidden));
+        self.loss_and_grads_from(xs, targets, weights, &z, &z)
+    }
+
+    /// Loss and gradients from the state `h0`, `c0` (`B x H`), treated as constants: truncated
+    /// backpropagation through time for a stateful predictor.
+    pub fn loss_and_grads_from(
+        &self,
+        xs: &Array3<f64>,
+        targets: &Array2<f64>,
+        weights: &Array2<f64>,
+        h0: &Array2<f64>,
+        c0: &Array2<f64>,
+    ) -> (f64, LstmGrads) {
         let (b, t, i_n) = xs.dim();
         assert_eq!(i_n, self.input);
         assert_eq!(targets.dim(), (b, t));
         assert_eq!(weights.dim(), (b, t));
         let hd = self.hidden;
-        let mut h = Array2::zeros((b, hd));
-        let mut c = Array2::zeros((b, hd));
+        assert_eq!(h0.dim(), (b, hd));
+        assert_eq!(c0.dim(), (b, hd));
+        let mut h = h0.clone();
+        let mut c = c0.clone();
         let mut caches = Vec::with_capacity(t);
         for k in 0..t {
             let sc = self.step_full(xs.index_axis(Axis(1), k), &h, &c);
@@ -365,6 +406,41 @@ impl FastLstm {
             wy: m.wy.iter().map(|&v| v as f32).collect(),
             by: m.by[0] as f32,
         }
+    }
+
+    /// Hidden size.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// One stateful step: updates `h` and `c` (length `hidden`) in place and returns the
+    /// output. This is what the predictor runs per partition and window.
+    #[inline]
+    pub fn step(&self, x: &[f32], h: &mut [f32], c: &mut [f32]) -> f32 {
+        const H_MAX: usize = 64;
+        let (i_n, h_n) = (self.input, self.hidden);
+        assert!(h_n <= H_MAX && x.len() == i_n && h.len() == h_n && c.len() == h_n);
+        let g_n = 4 * h_n;
+        let mut z = [0f32; 4 * H_MAX];
+        let z = &mut z[..g_n];
+        z.copy_from_slice(&self.b);
+        for (k, &v) in x.iter().chain(h.iter()).enumerate() {
+            let col = &self.w[k * g_n..(k + 1) * g_n];
+            for (zj, wj) in z.iter_mut().zip(col) {
+                *zj += v * wj;
+            }
+        }
+        let mut acc = self.by;
+        for k in 0..h_n {
+            let ig = sigmoid32(z[k]);
+            let fg = sigmoid32(z[h_n + k]);
+            let gg = tanh32(z[2 * h_n + k]);
+            let og = sigmoid32(z[3 * h_n + k]);
+            c[k] = fg * c[k] + ig * gg;
+            h[k] = og * tanh32(c[k]);
+            acc += self.wy[k] * h[k];
+        }
+        sigmoid32(acc)
     }
 
     /// Runs the sequence `xs` (each of length `input`) from zero state; returns the last output.
@@ -493,7 +569,10 @@ mod tests {
     fn gradients_match_finite_differences() {
         let mut m = Lstm::new(3, 4, 7);
         let (xs, ys, ws) = toy(2, 5, 3, 11);
-        let (_, mut g) = m.loss_and_grads(&xs, &ys, &ws);
+        let mut r = Rng::new(5);
+        let h0 = Array2::from_shape_fn((2, 4), |_| r.unit() - 0.5);
+        let c0 = Array2::from_shape_fn((2, 4), |_| r.unit() - 0.5);
+        let (_, mut g) = m.loss_and_grads_from(&xs, &ys, &ws, &h0, &c0);
         let eps = 1e-6;
         let analytic: Vec<Vec<f64>> = g.slices_mut().iter().map(|s| s.to_vec()).collect();
         let mut worst = 0.0f64;
@@ -502,9 +581,9 @@ mod tests {
             for k in 0..grad.len() {
                 let orig = m.slices_mut()[a][k];
                 m.slices_mut()[a][k] = orig + eps;
-                let lp = m.loss(&xs, &ys, &ws);
+                let lp = m.loss_from(&xs, &ys, &ws, &h0, &c0);
                 m.slices_mut()[a][k] = orig - eps;
-                let lm = m.loss(&xs, &ys, &ws);
+                let lm = m.loss_from(&xs, &ys, &ws, &h0, &c0);
                 m.slices_mut()[a][k] = orig;
                 let num = (lp - lm) / (2.0 * eps);
                 let err = (num - grad[k]).abs() / (num.abs() + grad[k].abs()).max(1e-6);
@@ -545,6 +624,12 @@ mod tests {
                 .collect();
             let yf = fast.run(rows.iter().map(|v| v.as_slice()));
             assert!((f64::from(yf) - y[[r, t - 1]]).abs() < 1e-3);
+            let (mut h, mut c) = (vec![0f32; 8], vec![0f32; 8]);
+            let mut ys_step = 0.0;
+            for row in &rows {
+                ys_step = fast.step(row, &mut h, &mut c);
+            }
+            assert!((ys_step - yf).abs() < 1e-5);
         }
         let mut buf = Vec::new();
         m.save(9, &mut buf);

@@ -151,11 +151,14 @@ impl ModelCell {
     }
 }
 
-/// One training job: sequences `B x T x F`, targets and weights `B x T`.
+/// One training job: sequences `B x T x F`, targets and weights `B x T`, and the state each
+/// sequence starts from (`B x H`, zeros for none).
 pub struct TrainJob {
     pub xs: Array3<f64>,
     pub ys: Array2<f64>,
     pub ws: Array2<f64>,
+    pub h0: Array2<f64>,
+    pub c0: Array2<f64>,
 }
 
 /// Trains a copy of the current model on `job` and swaps it in. Returns the final loss.
@@ -163,7 +166,7 @@ pub fn train_and_swap(cell: &ModelCell, opt: &mut Adam, job: &TrainJob, steps: u
     let mut m = (*cell.load()).clone();
     let mut loss = 0.0;
     for _ in 0..steps {
-        let (l, mut g) = m.loss_and_grads(&job.xs, &job.ys, &job.ws);
+        let (l, mut g) = m.loss_and_grads_from(&job.xs, &job.ys, &job.ws, &job.h0, &job.c0);
         opt.step(&mut m, &mut g);
         loss = l;
     }
@@ -299,7 +302,8 @@ pub const FEATURES: usize = 8;
 #[derive(Debug, Clone, Copy)]
 pub struct LstmConfig {
     pub hidden: usize,
-    /// Windows per training / inference sequence.
+    /// Windows per training sequence (truncated BPTT; inference is stateful, one step per
+    /// window).
     pub seq_windows: usize,
     /// Partitions sampled per training job.
     pub train_partitions: usize,
@@ -318,8 +322,8 @@ impl Default for LstmConfig {
         LstmConfig {
             hidden: 8,
             seq_windows: 4,
-            train_partitions: 256,
-            train_steps: 30,
+            train_partitions: 512,
+            train_steps: 40,
             retrain_windows: 16,
             drift_factor: 1.25,
             lr: 0.01,
@@ -344,6 +348,11 @@ pub struct LstmPredictor {
     hist: Vec<Array2<f64>>,
     /// Count ring, aligned with `hist`.
     hist_counts: Vec<Vec<u32>>,
+    /// Per-partition LSTM state `[h; c]` (`P x 2H`) after the newest window.
+    state: Vec<f32>,
+    /// State ring (`seq_windows + 2` entries): the state after each recent window, so training
+    /// sequences start from the state the predictor had.
+    state_hist: Vec<Vec<f32>>,
     windows: u64,
     score: Vec<f32>,
     err_recent: f64,
@@ -374,6 +383,10 @@ impl LstmPredictor {
                 .map(|_| Array2::zeros((partitions, FEATURES)))
                 .collect(),
             hist_counts: (0..ring).map(|_| vec![0; partitions]).collect(),
+            state: vec![0.0; partitions * 2 * cfg.hidden],
+            state_hist: (0..ring + 1)
+                .map(|_| vec![0.0; partitions * 2 * cfg.hidden])
+                .collect(),
             windows: 0,
             score: vec![0.0; partitions],
             err_recent: 0.0,
@@ -408,18 +421,36 @@ impl LstmPredictor {
         if active.is_empty() {
             return None;
         }
-        let b = self.cfg.train_partitions.min(active.len().max(16));
+        let b = self.cfg.train_partitions.min(2 * active.len().max(16));
+        let hd = self.cfg.hidden;
         let mut xs = Array3::zeros((b, t, FEATURES));
         let mut ys = Array2::zeros((b, t));
         let mut ws = Array2::ones((b, t));
+        let mut h0 = Array2::zeros((b, hd));
+        let mut c0 = Array2::zeros((b, hd));
         let boost = self.anomaly.recent_weight();
+        // The state before the first input window: after the window `t + 1` ago.
+        let st = if self.windows > t as u64 + 1 {
+            Some(
+                &self.state_hist
+                    [((self.windows - 2 - t as u64) % self.state_hist.len() as u64) as usize],
+            )
+        } else {
+            None
+        };
         for r in 0..b {
-            // Three in four from partitions active lately, the rest uniformly.
-            let p = if r % 4 != 3 {
+            // Half from partitions active lately, half uniformly (as inference sees them).
+            let p = if r % 2 == 0 {
                 active[self.rng.below(active.len())]
             } else {
                 self.rng.below(self.partitions)
             };
+            if let Some(st) = st {
+                for j in 0..hd {
+                    h0[[r, j]] = f64::from(st[p * 2 * hd + j]);
+                    c0[[r, j]] = f64::from(st[p * 2 * hd + hd + j]);
+                }
+            }
             for k in 0..t {
                 let ago_in = (t - k) as u64;
                 let sin = self.slot(ago_in);
@@ -431,22 +462,24 @@ impl LstmPredictor {
             }
             ws[[r, t - 1]] = boost;
         }
-        Some(TrainJob { xs, ys, ws })
+        Some(TrainJob { xs, ys, ws, h0, c0 })
     }
 
+    /// One stateful LSTM step per partition on the newest window's features.
     fn predict_all(&mut self) {
-        let t = self.cfg.seq_windows.min(self.windows as usize);
         let fast = lstm::FastLstm::from_model(&self.model.load());
-        let slots: Vec<usize> = (0..t).rev().map(|k| self.slot(k as u64)).collect();
-        let mut rows = vec![[0f32; FEATURES]; t];
+        let hd = fast.hidden();
+        let s = self.slot(0);
+        let mut x = [0f32; FEATURES];
         for p in 0..self.partitions {
-            for (row, &s) in rows.iter_mut().zip(&slots) {
-                for (f, v) in row.iter_mut().enumerate() {
-                    *v = self.hist[s][[p, f]] as f32;
-                }
+            for (f, v) in x.iter_mut().enumerate() {
+                *v = self.hist[s][[p, f]] as f32;
             }
-            self.score[p] = fast.run(rows.iter().map(|r| r.as_slice()));
+            let (h, c) = self.state[p * 2 * hd..(p + 1) * 2 * hd].split_at_mut(hd);
+            self.score[p] = fast.step(&x, h, c);
         }
+        let n = self.state_hist.len() as u64;
+        self.state_hist[((self.windows - 1) % n) as usize].copy_from_slice(&self.state);
     }
 }
 
@@ -548,6 +581,8 @@ mod tests {
             xs: Array3::zeros((4, 3, FEATURES)),
             ys: Array2::ones((4, 3)),
             ws: Array2::ones((4, 3)),
+            h0: Array2::zeros((4, 4)),
+            c0: Array2::zeros((4, 4)),
         };
         assert!(tr.offer(job));
         drop(tr);

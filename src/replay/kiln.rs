@@ -10,8 +10,8 @@
 //!
 //! Prefetch: the chain of confirmed Markov successors of the request's last page (a successor
 //! counts as confirmed once it was observed at least `markov_min_conf` times in a row), then the
-//! next raw pages of a sequential stream (a multi-page request, or a request that starts where
-//! the previous one ended). Sequential prefetch may target raw pages the trace never touches:
+//! next raw pages of a sequential stream (after a multi-page request one page; after requests
+//! that continue where the previous one ended, one more page per continuation up to the budget). Sequential prefetch may target raw pages the trace never touches:
 //! those become phantom pages that are migrated (counted) and occupy fast-tier space until
 //! evicted, as a real mis-prefetch would. Each source's accuracy (prefetched pages later demanded
 //! while resident / prefetched pages) is tracked with decay; a source below `min_accuracy` only
@@ -53,8 +53,8 @@ impl Default for KilnConfig {
             partition_pages: 256,
             window_requests: 10_000,
             prefetch_min_prob: 0.0,
-            admit_min_prob: 0.5,
-            reuse_horizon: 4.0,
+            admit_min_prob: 0.9,
+            reuse_horizon: 1.0,
             markov_min_conf: 2,
             min_accuracy: 0.25,
             lstm: LstmConfig::default(),
@@ -119,6 +119,8 @@ pub struct KilnPolicy {
     src: [SourceStats; 3],
     prev_last: u32,
     prev_last_raw: u64,
+    /// Consecutive requests that continued the previous one.
+    run: u32,
     phantom_next: usize,
     phantom_raw: Vec<u64>,
     phantom_of: HashMap<u64, u32>,
@@ -130,24 +132,6 @@ pub struct KilnPolicy {
 
 impl KilnPolicy {
     pub fn new(trace: &Trace, fast_pages: usize, cfg: &KilnConfig) -> Self {
-        let mut cfg = cfg.clone();
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = env("KX_HOR") {
-            cfg.reuse_horizon = v;
-        }
-        if let Some(v) = env("KX_ADM") {
-            cfg.admit_min_prob = v as f32;
-        }
-        if let Some(v) = env("KX_CONF") {
-            cfg.markov_min_conf = v as u8;
-        }
-        if let Some(v) = env("KX_ACC") {
-            cfg.min_accuracy = v;
-        }
-        if let Some(v) = env("KX_BUD") {
-            cfg.prefetch_budget_pages = v as u32;
-        }
-        let cfg = &cfg;
         let n = trace.unique_pages();
         let windows = PartitionWindows::new(trace, cfg.partition_pages);
         let lstm = LstmPredictor::new(windows.partitions, cfg.lstm);
@@ -168,6 +152,7 @@ impl KilnPolicy {
             src: [SourceStats::default(); 3],
             prev_last: u32::MAX,
             prev_last_raw: NEVER,
+            run: 0,
             phantom_next: 0,
             phantom_raw: vec![NEVER; pool],
             phantom_of: HashMap::new(),
@@ -189,7 +174,7 @@ impl KilnPolicy {
             return true;
         }
         st.probe = st.probe.wrapping_add(1);
-        st.probe % 16 == 0
+        st.probe & 15 == 0
     }
 
     fn prefetch_id(&mut self, id: u32, source: u8) -> bool {
@@ -296,6 +281,7 @@ impl Policy for KilnPolicy {
         let continues = self.prev_last_raw != NEVER && first_raw == self.prev_last_raw + 1;
         self.prev_last = last;
         self.prev_last_raw = last_raw;
+        self.run = if continues { self.run + 1 } else { 0 };
         self.windows.add(trace, req);
         self.requests += 1;
         if self.requests.checked_rem(self.cfg.window_requests) == Some(0) {
@@ -323,11 +309,17 @@ impl Policy for KilnPolicy {
             }
         }
         // Sequential stream: the next raw pages after the request, touched by the trace or not.
-        let seqmode = std::env::var("KX_SEQ").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        let go = match seqmode { 0 => pages.len() > 1 || continues, 1 => continues, 2 => pages.len() > 1, _ => pages.len() > 1 && continues };
-        if budget > 0 && go && self.source_open(SRC_SEQ) {
+        if budget > 0 && (pages.len() > 1 || continues) && self.source_open(SRC_SEQ) {
             let mut dense = last as usize + 1;
-            for k in 1..=u64::from(budget) {
+            // Readahead ramp: one page after a multi-page request, then one more page per
+            // further request that continues the stream (a stream must continue once before
+            // single-page requests trigger prefetch).
+            let depth = if continues {
+                budget.min(self.run - 1)
+            } else {
+                1
+            };
+            for k in 1..=u64::from(depth) {
                 let raw = last_raw + k;
                 let done = if dense < self.n && trace.raw_pages[dense] == raw {
                     dense += 1;
@@ -342,19 +334,5 @@ impl Policy for KilnPolicy {
     }
     fn resident_pages(&self) -> usize {
         self.core.resident_pages()
-    }
-}
-
-impl Drop for KilnPolicy {
-    fn drop(&mut self) {
-        if std::env::var("KX_DEBUG").is_ok() {
-            eprintln!(
-                "cap {} {:?} acc m {:.3} s {:.3}",
-                self.cap,
-                self.stats,
-                self.src[1].accuracy(),
-                self.src[2].accuracy()
-            );
-        }
     }
 }

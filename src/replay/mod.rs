@@ -61,8 +61,9 @@ pub struct ReplayArgs {
     /// kiln: prefetch only into partitions with at least this predicted access probability.
     #[arg(long, default_value_t = 0.0)]
     pub kiln_prefetch_min_prob: f32,
-    /// kiln: admit first-touch pages only into partitions with at least this probability.
-    #[arg(long, default_value_t = 0.5)]
+    /// kiln: admit a missed page without recent reuse only into partitions with at least this
+    /// predicted probability.
+    #[arg(long, default_value_t = 0.9)]
     pub kiln_admit_min_prob: f32,
     /// Also report precision@k of next-window hot-partition prediction (LSTM, EWMA, Markov).
     #[arg(long)]

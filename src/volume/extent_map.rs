@@ -14,6 +14,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const TIER_SHIFT: u32 = 56;
+// Physical granule indexes stay below the migration lock bit.
+const _: () = assert!(LOCK_BIT < (1 << TIER_SHIFT));
 const PHYS_MASK: u64 = (1 << TIER_SHIFT) - 1;
 
 /// Where one granule lives.
@@ -46,9 +48,24 @@ pub fn decode(entry: u64) -> Option<Location> {
     }
 }
 
+/// Migration state of one granule (see [`ExtentMap::migration`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// Not migrating.
+    None,
+    /// Being copied to the destination: writes must wait.
+    Locked(Location),
+    /// Copied (or copy pending): writes go to the primary and to this shadow.
+    Shadow(Location),
+}
+
+const LOCK_BIT: u64 = 1 << 55;
+
 pub struct ExtentMap {
     pub granule_bytes: u64,
     entries: Box<[AtomicU64]>,
+    /// Per granule: 0, or the encoded destination of a migration, with LOCK_BIT while copying.
+    migration: Box<[AtomicU64]>,
 }
 
 impl ExtentMap {
@@ -58,6 +75,7 @@ impl ExtentMap {
         ExtentMap {
             granule_bytes,
             entries: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            migration: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -68,6 +86,87 @@ impl ExtentMap {
     #[inline]
     pub fn get(&self, granule: u64) -> Option<Location> {
         decode(self.entries[granule as usize].load(Ordering::Acquire))
+    }
+
+    /// The migration state of a granule.
+    #[inline]
+    pub fn migration(&self, granule: u64) -> Migration {
+        let v = self.migration[granule as usize].load(Ordering::SeqCst);
+        match decode(v & !LOCK_BIT) {
+            None => Migration::None,
+            Some(l) if v & LOCK_BIT != 0 => Migration::Locked(l),
+            Some(l) => Migration::Shadow(l),
+        }
+    }
+
+    /// Sets the migration state of `count` granules from `first`; the
+    /// destination advances with the granule. Only the migration engine calls it.
+    pub fn set_migration(&self, first: u64, count: u64, state: Migration) {
+        assert!(first + count <= self.granules());
+        for i in 0..count {
+            let v = match state {
+                Migration::None => 0,
+                Migration::Locked(l) => {
+                    encode(Some(Location {
+                        tier: l.tier,
+                        phys_granule: l.phys_granule + i,
+                    })) | LOCK_BIT
+                }
+                Migration::Shadow(l) => encode(Some(Location {
+                    tier: l.tier,
+                    phys_granule: l.phys_granule + i,
+                })),
+            };
+            self.migration[(first + i) as usize].store(v, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether any granule of the byte range is locked for copying.
+    #[inline]
+    pub fn any_locked(&self, offset: u64, len: u64) -> bool {
+        let g = self.granule_bytes;
+        (offset / g..(offset + len).div_ceil(g))
+            .any(|x| self.migration[x as usize].load(Ordering::SeqCst) & LOCK_BIT != 0)
+    }
+
+    /// Calls `f(logical_offset, len, (tier, phys_byte))` for each contiguous
+    /// shadow destination inside the byte range whose destination differs
+    /// from the primary location.
+    #[inline]
+    pub fn for_each_shadow_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, (u8, u64)),
+    ) {
+        let g = self.granule_bytes;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut run: Option<(u64, u64, u8, u64)> = None; // (start, len, tier, phys_byte)
+        while pos < end {
+            let granule = pos / g;
+            let piece_end = ((granule + 1) * g).min(end);
+            let in_g = pos % g;
+            let target = match self.migration(granule) {
+                Migration::Shadow(l) | Migration::Locked(l) if self.get(granule) != Some(l) => {
+                    Some((l.tier, l.phys_granule * g + in_g))
+                }
+                _ => None,
+            };
+            match (run.as_mut(), target) {
+                (Some(r), Some((t, p))) if r.2 == t && r.3 + r.1 == p => r.1 += piece_end - pos,
+                (_, t) => {
+                    if let Some(r) = run.take() {
+                        f(r.0, r.1, (r.2, r.3));
+                    }
+                    run = t.map(|(t, p)| (pos, piece_end - pos, t, p));
+                }
+            }
+            pos = piece_end;
+        }
+        if let Some(r) = run {
+            f(r.0, r.1, (r.2, r.3));
+        }
     }
 
     /// Maps `count` granules from `first` to consecutive physical granules.
@@ -157,6 +256,68 @@ impl ExtentMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shadow_pieces_follow_destinations() {
+        let g = 64 << 10;
+        let m = ExtentMap::new(1 << 20, g);
+        m.set_run(
+            0,
+            4,
+            Some(Location {
+                tier: 1,
+                phys_granule: 40,
+            }),
+        );
+        m.set_migration(
+            1,
+            2,
+            Migration::Shadow(Location {
+                tier: 0,
+                phys_granule: 8,
+            }),
+        );
+        assert!(!m.any_locked(0, 4 * g));
+        let mut p = Vec::new();
+        m.for_each_shadow_piece(0, 4 * g, |o, l, t| p.push((o, l, t)));
+        assert_eq!(p, vec![(g, 2 * g, (0, 8 * g))]);
+        m.set_migration(
+            2,
+            1,
+            Migration::Locked(Location {
+                tier: 0,
+                phys_granule: 9,
+            }),
+        );
+        assert!(m.any_locked(2 * g + 512, 512));
+        assert_eq!(
+            m.migration(2),
+            Migration::Locked(Location {
+                tier: 0,
+                phys_granule: 9
+            })
+        );
+        // After the switch, a shadow equal to the primary is not written twice.
+        m.set_run(
+            1,
+            2,
+            Some(Location {
+                tier: 0,
+                phys_granule: 8,
+            }),
+        );
+        m.set_migration(
+            2,
+            1,
+            Migration::Shadow(Location {
+                tier: 0,
+                phys_granule: 9,
+            }),
+        );
+        let mut p = Vec::new();
+        m.for_each_shadow_piece(0, 4 * g, |o, l, t| p.push((o, l, t)));
+        assert!(p.is_empty());
+    }
 
     #[test]
     fn encode_decode_and_runs() {

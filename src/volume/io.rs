@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::epoch::Epochs;
 use super::journal::MetaRequest;
 use super::Volume;
 use crate::bdev::{
@@ -23,6 +24,7 @@ use crate::bdev::{
 };
 use crate::clock::now_ns;
 use crate::dma::DmaPool;
+use crate::heat::HeatRecorder;
 use crate::metrics::{IoOp, Metrics, TierIoHandle, VolumeIoHandle};
 use crate::reactor::ReactorHandle;
 
@@ -56,7 +58,11 @@ struct Req {
     pieces_left: u32,
     result: i32,
     start_ns: u64,
+    /// The epoch bit entered at dispatch, or EPOCH_NONE.
+    epoch_bit: u8,
 }
+
+const EPOCH_NONE: u8 = u8::MAX;
 
 /// Completed volume operation: `(token, result)` with 0 or a negative errno.
 pub type VolumeCompletion = (u64, i32);
@@ -77,6 +83,14 @@ pub struct VolumeIo {
     vol_metrics: Vec<[VolumeIoHandle; 5]>,
     /// Per tier, per op.
     tier_metrics: Vec<[TierIoHandle; 5]>,
+    /// Grace-period counters shared with the migration engine, and our index in them.
+    epochs: Arc<Epochs>,
+    reactor_index: usize,
+    /// Writes waiting because their range is locked by a migration copy.
+    blocked: VecDeque<u32>,
+    /// Per volume: this reactor's heat recorder and the end of its last request.
+    heat: Vec<Option<HeatRecorder>>,
+    last_end: Vec<u64>,
 }
 
 fn op_index(kind: IoKind) -> usize {
@@ -135,6 +149,7 @@ impl VolumeIo {
             pieces_left: 0,
             result: 0,
             start_ns: 0,
+            epoch_bit: EPOCH_NONE,
         };
         Ok(VolumeIo {
             volumes: volumes.clone(),
@@ -156,7 +171,24 @@ impl VolumeIo {
                 .iter()
                 .map(|(name, _)| OPS.map(|op| metrics.tier_io(name, op)))
                 .collect(),
+            epochs: Arc::new(Epochs::new(1)),
+            reactor_index: 0,
+            blocked: VecDeque::with_capacity(max_requests),
+            heat: volumes.iter().map(|_| None).collect(),
+            last_end: vec![u64::MAX; volumes.len()],
         })
+    }
+
+    /// Shares grace-period counters with the migration engine; `reactor_index`
+    /// is this reactor's line in them.
+    pub fn set_epochs(&mut self, epochs: Arc<Epochs>, reactor_index: usize) {
+        self.epochs = epochs;
+        self.reactor_index = reactor_index;
+    }
+
+    /// Installs this reactor's heat recorder for a volume.
+    pub fn set_heat(&mut self, volume: usize, recorder: HeatRecorder) {
+        self.heat[volume] = Some(recorder);
     }
 
     /// Notifier fds of the tier channels, for the reactor's parker.
@@ -197,7 +229,21 @@ impl VolumeIo {
             pieces_left: 0,
             result: 0,
             start_ns: now_ns(),
+            epoch_bit: EPOCH_NONE,
         };
+        if let (Some(h), IoKind::Read | IoKind::Write) = (&self.heat[op.volume as usize], op.kind) {
+            let g = vol.map.granule_bytes;
+            let last = &mut self.last_end[op.volume as usize];
+            let sequential = *last == op.offset_bytes;
+            *last = op.offset_bytes + op.len_bytes as u64;
+            let first = op.offset_bytes / g;
+            let end = (op.offset_bytes + op.len_bytes as u64)
+                .div_ceil(g)
+                .min(first + 16);
+            for granule in first..end {
+                h.record(granule as u32, op.kind == IoKind::Write, sequential);
+            }
+        }
         let needs_map =
             op.kind == IoKind::Write && !vol.is_mapped(op.offset_bytes, op.len_bytes as u64);
         if needs_map {
@@ -237,6 +283,15 @@ impl VolumeIo {
         let vol = self.volumes[op.volume as usize].clone();
         let mut pieces = 0u32;
         let tag = idx as u64;
+        let bit = self.epochs.enter(self.reactor_index);
+        let modifies = matches!(op.kind, IoKind::Write | IoKind::WriteZeroes | IoKind::Trim);
+        if modifies && vol.map.any_locked(op.offset_bytes, op.len_bytes as u64) {
+            // A migration is copying this range: wait, then re-read the map.
+            self.epochs.exit(self.reactor_index, bit);
+            self.blocked.push_back(idx);
+            return;
+        }
+        self.reqs[idx as usize].epoch_bit = bit;
         match op.kind {
             IoKind::Flush => {
                 for t in 0..self.chans.len() {
@@ -287,6 +342,32 @@ impl VolumeIo {
                     !unmapped_write,
                     "write dispatched before its range was mapped"
                 );
+                if modifies {
+                    vol.map.for_each_shadow_piece(
+                        op.offset_bytes,
+                        op.len_bytes as u64,
+                        |logical, len, (tier, phys)| {
+                            let buf_off = (logical - op.offset_bytes) as usize;
+                            let req = IoRequest {
+                                tag,
+                                kind,
+                                offset_bytes: phys,
+                                len_bytes: len as u32,
+                                buf: if op.buf.is_null() {
+                                    op.buf
+                                } else {
+                                    // SAFETY: buf_off < len_bytes, inside the caller's buffer.
+                                    unsafe { op.buf.add(buf_off) }
+                                },
+                                buf_index: op.buf_index,
+                                fua: op.fua,
+                            };
+                            if self.push_piece(tier as usize, req) {
+                                pieces += 1;
+                            }
+                        },
+                    );
+                }
             }
         }
         let r = &mut self.reqs[idx as usize];
@@ -349,7 +430,11 @@ impl VolumeIo {
             lat,
             r.result == 0,
         );
+        if r.epoch_bit != EPOCH_NONE {
+            self.epochs.exit(self.reactor_index, r.epoch_bit);
+        }
         self.reqs[idx as usize].state = ReqState::Free;
+        self.reqs[idx as usize].epoch_bit = EPOCH_NONE;
         self.free.push(idx);
         self.done.push_back((r.op.token, r.result));
     }
@@ -367,6 +452,11 @@ impl VolumeIo {
             } else {
                 self.dispatch(idx);
             }
+        }
+        for _ in 0..self.blocked.len() {
+            let idx = self.blocked.pop_front().expect("counted");
+            self.dispatch(idx);
+            busy = true;
         }
         while let Some(&(tier, req)) = self.deferred.front() {
             // SAFETY: as in push_piece.

@@ -138,6 +138,29 @@ pub enum MetaRequest {
         len_bytes: u64,
         reply: Box<dyn FnOnce(i32) + Send>,
     },
+    /// Reserve space for a migration destination (not journaled: until a
+    /// `Switch` maps it, recovery sees it as free).
+    Reserve {
+        tier: u8,
+        granules: u64,
+        reply: Sender<Result<u64, String>>,
+    },
+    /// Atomically remap granules `[first, first+count)` of a volume from `from`
+    /// to `to` with one journaled record. Fails if the map no longer points at `from`.
+    Switch {
+        volume: usize,
+        first_granule: u64,
+        count: u64,
+        from: Location,
+        to: Location,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Return space to a tier (after a switch's grace period, or an aborted copy).
+    Release {
+        tier: u8,
+        phys_granule: u64,
+        count: u64,
+    },
     /// Write a checkpoint now.
     Checkpoint { reply: Sender<Result<u64, String>> },
     /// Final checkpoint, then exit the thread.
@@ -718,7 +741,7 @@ impl MetaService {
                     }
                     replies.push((reply, 0));
                 }
-                MetaRequest::Checkpoint { .. } | MetaRequest::Shutdown { .. } => unreachable!(),
+                _ => unreachable!("only Allocate and Unmap are batched"),
             }
         }
         // New space must read as zeros before the map points at it.
@@ -765,6 +788,42 @@ impl MetaService {
         }
     }
 
+    /// Journals and applies a migration's switch.
+    fn switch(
+        &mut self,
+        volume: usize,
+        first: u64,
+        count: u64,
+        from: Location,
+        to: Location,
+    ) -> Result<(), String> {
+        let v = self.volumes[volume].clone();
+        for i in 0..count {
+            let expected = Location {
+                tier: from.tier,
+                phys_granule: from.phys_granule + i,
+            };
+            if v.map.get(first + i) != Some(expected) {
+                return Err(format!(
+                    "granule {} of '{}' moved during the copy",
+                    first + i,
+                    v.name
+                ));
+            }
+        }
+        let rec = Record::Map {
+            volume: v.name.clone(),
+            first_granule: first,
+            count,
+            tier: to.tier,
+            phys_granule: to.phys_granule,
+        };
+        self.commit(std::slice::from_ref(&rec))?;
+        self.apply(&rec, false)?;
+        self.publish_usage();
+        Ok(())
+    }
+
     /// Picks the fastest tier with room for `granules` contiguous granules.
     fn place(&mut self, granules: u64) -> Option<(u8, u64)> {
         for (i, a) in self.allocators.iter_mut().enumerate() {
@@ -796,6 +855,40 @@ impl MetaService {
                     MetaRequest::Checkpoint { reply } => {
                         self.handle_batch(std::mem::take(&mut work));
                         let _ = reply.send(self.write_checkpoint());
+                    }
+                    MetaRequest::Reserve {
+                        tier,
+                        granules,
+                        reply,
+                    } => {
+                        let r = self
+                            .allocators
+                            .get_mut(tier as usize)
+                            .and_then(|a| a.alloc(granules, 1))
+                            .ok_or_else(|| {
+                                format!("tier {tier} has no room for {granules} granules")
+                            });
+                        self.publish_usage();
+                        let _ = reply.send(r);
+                    }
+                    MetaRequest::Switch {
+                        volume,
+                        first_granule,
+                        count,
+                        from,
+                        to,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.switch(volume, first_granule, count, from, to));
+                    }
+                    MetaRequest::Release {
+                        tier,
+                        phys_granule,
+                        count,
+                    } => {
+                        self.allocators[tier as usize].free(phys_granule, count);
+                        self.publish_usage();
                     }
                     MetaRequest::Shutdown { reply } => {
                         self.handle_batch(std::mem::take(&mut work));

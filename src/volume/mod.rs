@@ -6,6 +6,7 @@
 //!   metadata service thread that performs every map change.
 
 pub mod allocator;
+pub mod epoch;
 pub mod extent_map;
 pub mod io;
 pub mod journal;

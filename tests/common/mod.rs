@@ -623,3 +623,205 @@ pub fn fio(cwd: &Path, args: &[String], limit: Duration) -> FioRun {
 pub fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// A raw NBD client (TCP or unix socket) built from `kiln::target::nbd_proto::client`.
+// ---------------------------------------------------------------------------------------------
+
+use kiln::target::nbd_proto::client::*;
+use kiln::target::nbd_proto::*;
+
+/// A byte stream the raw client can drive.
+pub trait Stream: Read + Write + Send {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
+    fn shutdown_both(&self);
+}
+
+impl Stream for TcpStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Stream for std::os::unix::net::UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+pub fn read_exact(s: &mut dyn Stream, n: usize) -> Vec<u8> {
+    let mut b = vec![0; n];
+    s.read_exact(&mut b).expect("read from server");
+    b
+}
+
+/// An NBD connection after a fixed newstyle handshake that ended with NBD_OPT_GO.
+pub struct RawClient {
+    pub s: Box<dyn Stream>,
+    pub structured: bool,
+    pub size: u64,
+    pub cookie: u64,
+}
+
+impl RawClient {
+    pub fn tcp(port: u16, structured: bool) -> RawClient {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        RawClient::handshake(Box::new(s), structured)
+    }
+
+    pub fn unix(path: &Path, structured: bool) -> RawClient {
+        let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        RawClient::handshake(Box::new(s), structured)
+    }
+
+    /// Greeting, client flags, optionally NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_GO "vol0".
+    pub fn handshake(mut s: Box<dyn Stream>, structured: bool) -> RawClient {
+        let greeting = read_exact(s.as_mut(), GREETING_BYTES);
+        let flags = parse_greeting(&greeting).unwrap();
+        assert_ne!(flags & NBD_FLAG_FIXED_NEWSTYLE, 0);
+        let mut out = Vec::new();
+        push_client_flags(&mut out, flags & NBD_FLAG_NO_ZEROES != 0);
+        if structured {
+            push_option(&mut out, NBD_OPT_STRUCTURED_REPLY, &[]);
+        }
+        push_info_or_go(&mut out, NBD_OPT_GO, "vol0", &[NBD_INFO_BLOCK_SIZE]);
+        s.write_all(&out).unwrap();
+        let mut size = None;
+        loop {
+            let mut raw = read_exact(s.as_mut(), OPTION_REPLY_HEADER_BYTES);
+            let len = u32::from_be_bytes(raw[16..20].try_into().unwrap()) as usize;
+            raw.extend(read_exact(s.as_mut(), len));
+            let (reply, used) = parse_option_reply(&raw).unwrap().expect("complete reply");
+            assert_eq!(used, raw.len());
+            assert_eq!(
+                reply.reply_type & NBD_REP_FLAG_ERROR,
+                0,
+                "option {} refused: {reply:?}",
+                reply.option
+            );
+            match (reply.option, reply.reply_type) {
+                (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK) => {}
+                (NBD_OPT_GO, NBD_REP_INFO) => {
+                    if let Info::Export { size_bytes, .. } = parse_info(reply.data).unwrap() {
+                        size = Some(size_bytes);
+                    }
+                }
+                (NBD_OPT_GO, NBD_REP_ACK) => break,
+                other => panic!("unexpected option reply {other:?}"),
+            }
+        }
+        RawClient {
+            s,
+            structured,
+            size: size.expect("NBD_INFO_EXPORT"),
+            cookie: 0,
+        }
+    }
+
+    /// Sends one request (with its payload); returns its cookie.
+    pub fn send(&mut self, kind: u16, offset: u64, length: u32, payload: &[u8]) -> u64 {
+        self.cookie += 1;
+        send_request(self.s.as_mut(), kind, self.cookie, offset, length, payload)
+            .expect("send request");
+        self.cookie
+    }
+
+    /// Reads one reply to a READ of `length` bytes: Ok(data) or Err(NBD errno).
+    pub fn read_reply(&mut self, cookie: u64, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+        if !self.structured {
+            let hdr = read_exact(self.s.as_mut(), SIMPLE_REPLY_BYTES);
+            let (err, c) = parse_simple_reply(hdr[..].try_into().unwrap()).unwrap();
+            assert_eq!(c, cookie, "reply cookie");
+            if err != 0 {
+                return Err(err);
+            }
+            return Ok(read_exact(self.s.as_mut(), length as usize));
+        }
+        let mut data = vec![0u8; length as usize];
+        let mut error = 0;
+        loop {
+            let hdr = read_exact(self.s.as_mut(), STRUCTURED_CHUNK_HEADER_BYTES);
+            let h = parse_structured_chunk_header(hdr[..].try_into().unwrap()).unwrap();
+            assert_eq!(h.cookie, cookie, "chunk cookie");
+            let body = read_exact(self.s.as_mut(), h.length as usize);
+            let at = || (u64::from_be_bytes(body[..8].try_into().unwrap()) - offset) as usize;
+            match h.kind {
+                NBD_REPLY_TYPE_OFFSET_DATA => {
+                    data[at()..at() + body.len() - 8].copy_from_slice(&body[8..]);
+                }
+                NBD_REPLY_TYPE_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(body[8..12].try_into().unwrap()) as usize;
+                    data[at()..at() + n].fill(0);
+                }
+                NBD_REPLY_TYPE_NONE => {}
+                k if k & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
+                    error = u32::from_be_bytes(body[..4].try_into().unwrap());
+                }
+                k => panic!("unexpected chunk type {k}"),
+            }
+            if h.flags & NBD_REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        if error != 0 {
+            Err(error)
+        } else {
+            Ok(data)
+        }
+    }
+
+    pub fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+        let c = self.send(NBD_CMD_READ, offset, length, &[]);
+        self.read_reply(c, offset, length)
+    }
+
+    /// A WRITE; returns the NBD error (0 on success).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
+        let c = self.send(NBD_CMD_WRITE, offset, data.len() as u32, data);
+        let hdr = read_exact(self.s.as_mut(), SIMPLE_REPLY_BYTES);
+        let (err, rc) = parse_simple_reply(hdr[..].try_into().unwrap()).unwrap();
+        assert_eq!(rc, c);
+        err
+    }
+
+    /// NBD_CMD_DISC, then expects the server to close without a reply.
+    pub fn disconnect(mut self) {
+        self.send(NBD_CMD_DISC, 0, 0, &[]);
+        let mut b = [0u8; 1];
+        assert_eq!(
+            self.s.read(&mut b).unwrap_or(0),
+            0,
+            "no reply to NBD_CMD_DISC"
+        );
+    }
+}
+
+/// Encodes and sends one request header plus payload.
+pub fn send_request(
+    s: &mut dyn Stream,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let req = Request {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        length,
+    };
+    let mut hdr = [0; REQUEST_HEADER_BYTES];
+    req.encode(&mut hdr);
+    s.write_all(&hdr)?;
+    s.write_all(payload)
+}

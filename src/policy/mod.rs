@@ -1,0 +1,443 @@
+//! The policy loop, off the hot path, on its own thread:
+//! collect heat → predict → plan partitions and tiers → migrate → sleep.
+//!
+//! - Heat: each reactor counts accesses per 64 KiB granule in its own
+//!   counters ([`crate::heat`]); every window the loop folds them.
+//! - Prediction: per granule, an exponentially decayed count plus a trend
+//!   term (the rise over the previous window), so a partition that is heating
+//!   up is moved before it peaks. A burst detector (residual z-score of the
+//!   volume's total) raises the weight of the latest window while it lasts.
+//! - Partitions ([`planner`]): variable-size runs of granules between
+//!   `chunk_min` and `chunk_max`. A partition whose heat is uneven is split;
+//!   adjacent partitions of the same class on the same tier are merged.
+//! - Placement: by cost against benefit under tier capacities, with
+//!   hysteresis and a minimum residence time (see [`planner::plan`]).
+//! - Migration: [`crate::migrate::Migrator`], paced, shadowed, verified.
+
+pub mod planner;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::heat::{HeatConfig, HeatRecorder, HeatSampler};
+use crate::migrate::{MigrationSettings, MigrationStats, Migrator};
+use crate::volume::journal::TierUsage;
+use crate::volume::Volume;
+
+/// Which placement policy runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Predictive: promote what is heating up, demote what cooled, by cost-benefit.
+    Kiln,
+    /// Classic cache-like baseline: promote whatever was read on a slow tier, evict LRU.
+    DemandLru,
+    /// S3-FIFO-like baseline: promote after two windows with accesses, evict FIFO with a second chance.
+    S3fifo,
+    /// Never move anything.
+    Static,
+}
+
+/// The `[policy]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default = "d_policy")]
+    pub policy: PolicyKind,
+    /// Window length: heat is folded and the plan recomputed this often.
+    #[serde(default = "d_interval")]
+    pub interval_ms: u64,
+    /// Bytes the policy may migrate per window.
+    #[serde(default = "d_budget")]
+    pub budget_bytes_per_window: String,
+    /// Smallest and largest partition.
+    #[serde(default = "d_chunk_min")]
+    pub chunk_min: String,
+    #[serde(default = "d_chunk_max")]
+    pub chunk_max: String,
+    /// Windows a partition stays on its tier before it may move again.
+    #[serde(default = "d_residence")]
+    pub min_residence_windows: u64,
+    /// A promotion must beat the partition it displaces by this factor.
+    #[serde(default = "d_hysteresis")]
+    pub hysteresis: f64,
+    /// Fill the fastest tier only up to this percentage, keeping room for new writes.
+    #[serde(default = "d_watermark")]
+    pub fast_watermark_pct: u64,
+    /// Share of each tier's bandwidth migrations may use, in percent.
+    #[serde(default = "d_bw")]
+    pub migration_bandwidth_pct: u64,
+    /// Copy I/Os in flight at once.
+    #[serde(default = "d_qd")]
+    pub migration_queue_depth: u64,
+}
+
+fn d_policy() -> PolicyKind {
+    PolicyKind::Kiln
+}
+fn d_interval() -> u64 {
+    1000
+}
+fn d_budget() -> String {
+    "256MiB".into()
+}
+fn d_chunk_min() -> String {
+    "64KiB".into()
+}
+fn d_chunk_max() -> String {
+    "64MiB".into()
+}
+fn d_residence() -> u64 {
+    5
+}
+fn d_hysteresis() -> f64 {
+    0.25
+}
+fn d_watermark() -> u64 {
+    90
+}
+fn d_bw() -> u64 {
+    50
+}
+fn d_qd() -> u64 {
+    4
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// One window of a volume's heat, kept for `volume_get_heatmap` and `kiln heatmap`.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeatFrame {
+    pub window: u64,
+    pub unix_ms: u64,
+    /// Accesses per cell in this window (a cell is `cell_bytes` of the volume).
+    pub accesses: Vec<u32>,
+    /// Tier index of each cell at the end of the window (255 = unmapped).
+    pub tiers: Vec<u8>,
+}
+
+/// What the control plane reads.
+pub struct PolicyShared {
+    pub kind: PolicyKind,
+    pub paused: AtomicBool,
+    pub stop: AtomicBool,
+    pub windows: AtomicU64,
+    pub splits: AtomicU64,
+    pub merges: AtomicU64,
+    pub last_plan_moves: AtomicU64,
+    pub bursts: AtomicU64,
+    pub settings: Arc<MigrationSettings>,
+    pub stats: Arc<MigrationStats>,
+    /// Per volume: the latest heat frames (bounded), and the cell size.
+    pub heat: Vec<Mutex<VecDeque<HeatFrame>>>,
+    pub cell_bytes: Vec<u64>,
+    /// Per volume: the current partitions `(first_granule, count, class, score)`.
+    pub partitions: Vec<Mutex<Vec<planner::PartitionView>>>,
+}
+
+/// Frames kept per volume.
+pub const HEAT_FRAMES_MAX: usize = 900;
+
+pub struct PolicyThread {
+    pub shared: Arc<PolicyShared>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PolicyThread {
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for PolicyThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Tier facts the planner needs.
+#[derive(Clone, Debug)]
+pub struct PlanTier {
+    pub name: String,
+    pub read_latency_us: u64,
+    pub write_latency_us: u64,
+    pub bandwidth_mib_s: u64,
+    pub cost_per_gib_month: f64,
+    pub usage: Arc<TierUsage>,
+}
+
+/// Creates the heat samplers (one per volume, one counter set per reactor)
+/// and returns each reactor's recorders.
+pub fn heat_samplers(
+    volumes: &[Arc<Volume>],
+    reactors: usize,
+) -> (Vec<HeatSampler>, Vec<Vec<HeatRecorder>>) {
+    let cfg = HeatConfig {
+        windows: 8,
+        window_len: 1000,
+        decay: 0.5,
+        sample_shift: 0,
+        reactors_max: reactors.max(1),
+    };
+    let mut samplers: Vec<HeatSampler> = volumes
+        .iter()
+        .map(|v| HeatSampler::new(v.map.granules() as usize, cfg))
+        .collect();
+    let recorders = (0..reactors)
+        .map(|r| samplers.iter_mut().map(|s| s.handle(r)).collect())
+        .collect();
+    (samplers, recorders)
+}
+
+/// Starts the policy loop.
+pub fn start(
+    config: PolicyConfig,
+    volumes: Arc<Vec<Arc<Volume>>>,
+    tiers: Vec<PlanTier>,
+    samplers: Vec<HeatSampler>,
+    settings: Arc<MigrationSettings>,
+    stats: Arc<MigrationStats>,
+    build_migrator: impl FnOnce() -> Result<Migrator, String> + Send + 'static,
+) -> Result<PolicyThread, String> {
+    let g = volumes
+        .first()
+        .map(|v| v.map.granule_bytes)
+        .unwrap_or(64 << 10);
+    let parse =
+        |s: &str, key: &str| crate::units::parse_size(s).map_err(|e| format!("policy.{key}: {e}"));
+    let chunk_min = parse(&config.chunk_min, "chunk_min")?;
+    let chunk_max = parse(&config.chunk_max, "chunk_max")?;
+    let budget = parse(&config.budget_bytes_per_window, "budget_bytes_per_window")?;
+    if chunk_min < g
+        || chunk_min % g != 0
+        || chunk_max < chunk_min
+        || !chunk_max.is_power_of_two()
+        || !chunk_min.is_power_of_two()
+    {
+        return Err(format!(
+            "policy.chunk_min/chunk_max: need powers of two with {g} <= chunk_min <= chunk_max"
+        ));
+    }
+    settings.bandwidth_pct.store(
+        config.migration_bandwidth_pct.clamp(1, 100),
+        Ordering::Relaxed,
+    );
+    settings
+        .queue_depth
+        .store(config.migration_queue_depth.clamp(1, 16), Ordering::Relaxed);
+    let cell_bytes: Vec<u64> = volumes
+        .iter()
+        .map(|v| (v.size_bytes / 4096).max(1 << 20).next_power_of_two())
+        .collect();
+    let shared = Arc::new(PolicyShared {
+        kind: config.policy,
+        paused: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        windows: AtomicU64::new(0),
+        splits: AtomicU64::new(0),
+        merges: AtomicU64::new(0),
+        last_plan_moves: AtomicU64::new(0),
+        bursts: AtomicU64::new(0),
+        settings,
+        stats,
+        heat: volumes
+            .iter()
+            .map(|_| Mutex::new(VecDeque::new()))
+            .collect(),
+        cell_bytes,
+        partitions: volumes.iter().map(|_| Mutex::new(Vec::new())).collect(),
+    });
+    let s2 = shared.clone();
+    let params = planner::Params {
+        kind: config.policy,
+        chunk_min_granules: chunk_min / g,
+        chunk_max_granules: chunk_max / g,
+        initial_granules: 0,
+        min_residence_windows: config.min_residence_windows,
+        hysteresis: config.hysteresis,
+        fast_watermark: config.fast_watermark_pct.clamp(10, 100) as f64 / 100.0,
+        budget_bytes: budget,
+        granule_bytes: g,
+    };
+    // Channels belong to the thread that polls them: build the migrator there.
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let handle = std::thread::Builder::new()
+        .name("kiln-policy".into())
+        .spawn(move || match build_migrator() {
+            Ok(migrator) => {
+                let _ = ready_tx.send(Ok(()));
+                run(config, s2, volumes, tiers, samplers, migrator, params)
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    ready_rx
+        .recv()
+        .map_err(|_| "the policy thread died at start".to_string())??;
+    Ok(PolicyThread {
+        shared,
+        handle: Some(handle),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    config: PolicyConfig,
+    shared: Arc<PolicyShared>,
+    volumes: Arc<Vec<Arc<Volume>>>,
+    tiers: Vec<PlanTier>,
+    mut samplers: Vec<HeatSampler>,
+    mut migrator: Migrator,
+    params: planner::Params,
+) {
+    let interval = Duration::from_millis(config.interval_ms.max(10));
+    let mut states: Vec<planner::VolumeState> = volumes
+        .iter()
+        .map(|v| {
+            planner::VolumeState::new(
+                v.map.granules(),
+                (v.chunk_bytes / v.map.granule_bytes).max(params.chunk_min_granules),
+            )
+        })
+        .collect();
+    let mut next = Instant::now() + interval;
+    let mut window = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            continue;
+        }
+        next += interval;
+        if next < Instant::now() {
+            next = Instant::now() + interval;
+        }
+        window += 1;
+        shared.windows.store(window, Ordering::Relaxed);
+        // 1. Collect heat.
+        for (vi, (vol, sampler)) in volumes.iter().zip(samplers.iter_mut()).enumerate() {
+            let map = sampler.fold_window();
+            let st = &mut states[vi];
+            if st.observe(map, window) {
+                shared.bursts.fetch_add(1, Ordering::Relaxed);
+            }
+            record_frame(&shared, vi, vol, map, window);
+        }
+        if shared.paused.load(Ordering::Relaxed) || params.kind == PolicyKind::Static {
+            continue;
+        }
+        // 2-3. Predict and plan.
+        let mut moves = Vec::new();
+        for (vi, vol) in volumes.iter().enumerate() {
+            let st = &mut states[vi];
+            let (s, m) = st.repartition(vol, &params);
+            shared.splits.fetch_add(s, Ordering::Relaxed);
+            shared.merges.fetch_add(m, Ordering::Relaxed);
+            moves.extend(planner::plan(vi, vol, st, &tiers, &params, window));
+            *shared.partitions[vi].lock().unwrap() = st.view(vol);
+        }
+        moves.sort_by(|a, b| b.priority.total_cmp(&a.priority));
+        shared
+            .last_plan_moves
+            .store(moves.len() as u64, Ordering::Relaxed);
+        let mut bytes_left = params.budget_bytes;
+        let queued: Vec<_> = moves
+            .into_iter()
+            .take_while(|m| {
+                let take = m.count * params.granule_bytes;
+                if take > bytes_left {
+                    return false;
+                }
+                bytes_left -= take;
+                true
+            })
+            .collect();
+        shared
+            .stats
+            .queued
+            .store(queued.len() as u64, Ordering::Relaxed);
+        shared.stats.queued_bytes.store(
+            queued.iter().map(|m| m.count * params.granule_bytes).sum(),
+            Ordering::Relaxed,
+        );
+        // 4. Migrate, most urgent first, until the window is over.
+        for m in queued {
+            if shared.stop.load(Ordering::Relaxed) || shared.paused.load(Ordering::Relaxed) {
+                break;
+            }
+            shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            shared
+                .stats
+                .queued_bytes
+                .fetch_sub(m.count * params.granule_bytes, Ordering::Relaxed);
+            match migrator.migrate(m.volume, m.first_granule, m.count, m.to_tier) {
+                Ok(_) => states[m.volume].moved(m.first_granule, m.count, window),
+                Err(e) => {
+                    tracing::warn!(
+                        "migration of {}+{} to tier {} failed: {e}",
+                        m.first_granule,
+                        m.count,
+                        m.to_tier
+                    );
+                    // A full tier or a failing device: stop this window's plan.
+                    break;
+                }
+            }
+            if Instant::now() > next + interval {
+                break;
+            }
+        }
+        shared.stats.queued.store(0, Ordering::Relaxed);
+        shared.stats.queued_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+fn record_frame(
+    shared: &PolicyShared,
+    vi: usize,
+    vol: &Volume,
+    map: &crate::heat::HeatMap,
+    window: u64,
+) {
+    let cell = shared.cell_bytes[vi];
+    let per_cell = (cell / vol.map.granule_bytes).max(1) as usize;
+    let cells = (vol.size_bytes / cell).max(1) as usize;
+    let mut accesses = vec![0u32; cells];
+    let mut tiers = vec![255u8; cells];
+    for (c, (a, t)) in accesses.iter_mut().zip(tiers.iter_mut()).enumerate() {
+        let g0 = c * per_cell;
+        for gi in g0..(g0 + per_cell).min(map.partitions()) {
+            *a = a.saturating_add(map.reads[gi].saturating_add(map.writes[gi]));
+        }
+        if let Some(l) = vol.map.get(g0 as u64) {
+            *t = l.tier;
+        }
+    }
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut q = shared.heat[vi].lock().unwrap();
+    if q.len() == HEAT_FRAMES_MAX {
+        q.pop_front();
+    }
+    q.push_back(HeatFrame {
+        window,
+        unix_ms,
+        accesses,
+        tiers,
+    });
+}

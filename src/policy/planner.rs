@@ -1,0 +1,432 @@
+//! Partitions and placement: which run of granules belongs on which tier.
+//!
+//! Cost-benefit of moving partition p from tier s to tier d, per window:
+//! - benefit = predicted accesses of p per window × horizon windows ×
+//!   (latency of s − latency of d) in µs;
+//! - cost = the copy's device time (bytes / bandwidth of the slower of s, d)
+//!   in µs, plus the capacity cost difference
+//!   (cost_per_gib_month of d − s) × GiB × horizon, weighted by
+//!   [`DOLLAR_US`] µs per dollar.
+//! A move happens only when benefit > cost, and a promotion that must evict
+//! a resident partition must beat that partition's predicted heat by the
+//! hysteresis factor. A partition that moved stays for `min_residence_windows`.
+
+use serde::Serialize;
+
+use super::{PlanTier, PolicyKind};
+use crate::heat::HeatMap;
+use crate::volume::journal::META_BYTES;
+use crate::volume::Volume;
+
+/// How many µs of saved device time one dollar of capacity cost is worth.
+pub const DOLLAR_US: f64 = 1e7;
+/// Windows a move's benefit is counted over.
+pub const HORIZON_WINDOWS: f64 = 30.0;
+
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub kind: PolicyKind,
+    pub chunk_min_granules: u64,
+    pub chunk_max_granules: u64,
+    pub initial_granules: u64,
+    pub min_residence_windows: u64,
+    pub hysteresis: f64,
+    pub fast_watermark: f64,
+    pub budget_bytes: u64,
+    pub granule_bytes: u64,
+}
+
+/// One planned migration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Move {
+    pub volume: usize,
+    pub first_granule: u64,
+    pub count: u64,
+    pub from_tier: u8,
+    pub to_tier: u8,
+    /// Higher first: predicted accesses per window per granule (demotions that
+    /// make room inherit the priority of the promotion they serve).
+    pub priority: f64,
+    /// When the first access is predicted, in ms from now.
+    pub deadline_ms: f64,
+}
+
+/// Heat classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Hot,
+    Warm,
+    Cold,
+}
+
+/// A partition as RPC shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionView {
+    pub offset: u64,
+    pub length: u64,
+    pub tier: Option<u8>,
+    pub class: Class,
+    /// Predicted accesses in the next window.
+    pub predicted: f64,
+    /// Confidence of the class, 0..1.
+    pub confidence: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Partition {
+    first: u64,
+    count: u64,
+    moved_window: u64,
+}
+
+pub struct VolumeState {
+    pred: Vec<f64>,
+    last_access: Vec<u64>,
+    windows_active: Vec<u8>,
+    parts: Vec<Partition>,
+    totals: VecDeque<f64>,
+    burst_weight: f64,
+}
+
+use std::collections::VecDeque;
+
+impl VolumeState {
+    pub fn new(granules: u64, initial: u64) -> VolumeState {
+        let initial = initial.max(1);
+        let parts = (0..granules.div_ceil(initial))
+            .map(|i| Partition {
+                first: i * initial,
+                count: initial.min(granules - i * initial),
+                moved_window: 0,
+            })
+            .collect();
+        VolumeState {
+            pred: vec![0.0; granules as usize],
+            last_access: vec![0; granules as usize],
+            windows_active: vec![0; granules as usize],
+            parts,
+            totals: VecDeque::new(),
+            burst_weight: 0.5,
+        }
+    }
+
+    /// Folds one window of heat into the prediction. Returns whether the
+    /// window was an anomalous burst (residual z-score above 3).
+    pub fn observe(&mut self, map: &HeatMap, window: u64) -> bool {
+        let n = self.pred.len().min(map.partitions());
+        let total: f64 = (0..n).map(|g| (map.reads[g] + map.writes[g]) as f64).sum();
+        let burst = if self.totals.len() >= 5 {
+            let mean = self.totals.iter().sum::<f64>() / self.totals.len() as f64;
+            let var = self.totals.iter().map(|t| (t - mean).powi(2)).sum::<f64>()
+                / self.totals.len() as f64;
+            (total - mean) / var.sqrt().max(1.0) > 3.0
+        } else {
+            false
+        };
+        if self.totals.len() == 30 {
+            self.totals.pop_front();
+        }
+        self.totals.push_back(total);
+        // A burst raises the weight of the newest window for a while.
+        self.burst_weight = if burst {
+            0.9
+        } else {
+            (self.burst_weight * 0.8 + 0.5 * 0.2).max(0.5)
+        };
+        let w = self.burst_weight;
+        for g in 0..n {
+            let now = (map.reads[g] + map.writes[g]) as f64;
+            let prev = map.recent(g, 1) as f64;
+            let trend = (now - prev).max(0.0) * 0.5;
+            self.pred[g] = self.pred[g] * (1.0 - w) + now * w + trend;
+            if now > 0.0 {
+                self.last_access[g] = window;
+                self.windows_active[g] = (self.windows_active[g] << 1) | 1;
+            } else {
+                self.windows_active[g] <<= 1;
+            }
+        }
+        burst
+    }
+
+    fn heat(&self, first: u64, count: u64) -> f64 {
+        self.pred[first as usize..(first + count) as usize]
+            .iter()
+            .sum()
+    }
+
+    fn tier_of(vol: &Volume, first: u64, count: u64) -> Option<u8> {
+        let t = vol.map.get(first)?.tier;
+        (first..first + count)
+            .all(|g| vol.map.get(g).is_some_and(|l| l.tier == t))
+            .then_some(t)
+    }
+
+    /// Splits uneven partitions and merges even neighbours. Returns (splits, merges).
+    pub fn repartition(&mut self, vol: &Volume, p: &Params) -> (u64, u64) {
+        let mut splits = 0;
+        let mut out: Vec<Partition> = Vec::with_capacity(self.parts.len());
+        for part in std::mem::take(&mut self.parts) {
+            if part.count >= 2 * p.chunk_min_granules && part.count % 2 == 0 {
+                let half = part.count / 2;
+                let (a, b) = (
+                    self.heat(part.first, half),
+                    self.heat(part.first + half, half),
+                );
+                let (hi, lo) = (a.max(b), a.min(b));
+                if hi >= 4.0 * lo + 4.0 {
+                    out.push(Partition {
+                        first: part.first,
+                        count: half,
+                        ..part
+                    });
+                    out.push(Partition {
+                        first: part.first + half,
+                        count: half,
+                        ..part
+                    });
+                    splits += 1;
+                    continue;
+                }
+            }
+            out.push(part);
+        }
+        // Merge buddies: equal size, aligned, same tier, both cold or both similar heat.
+        let mut merges = 0;
+        let mut merged: Vec<Partition> = Vec::with_capacity(out.len());
+        let mut i = 0;
+        while i < out.len() {
+            let a = out[i];
+            if i + 1 < out.len() {
+                let b = out[i + 1];
+                let size = a.count + b.count;
+                let buddies =
+                    a.count == b.count && a.first % size == 0 && b.first == a.first + a.count;
+                if buddies && size <= p.chunk_max_granules {
+                    let (ha, hb) = (self.heat(a.first, a.count), self.heat(b.first, b.count));
+                    let similar = (ha < 1.0 && hb < 1.0) || (ha.max(hb) <= 2.0 * ha.min(hb));
+                    let same_tier = Self::tier_of(vol, a.first, a.count).is_some()
+                        && Self::tier_of(vol, a.first, a.count)
+                            == Self::tier_of(vol, b.first, b.count);
+                    if similar && same_tier {
+                        merged.push(Partition {
+                            first: a.first,
+                            count: size,
+                            moved_window: a.moved_window.max(b.moved_window),
+                        });
+                        merges += 1;
+                        i += 2;
+                        continue;
+                    }
+                }
+            }
+            merged.push(a);
+            i += 1;
+        }
+        self.parts = merged;
+        (splits, merges)
+    }
+
+    /// Records that `[first, first+count)` moved in `window`.
+    pub fn moved(&mut self, first: u64, count: u64, window: u64) {
+        for part in self
+            .parts
+            .iter_mut()
+            .filter(|x| x.first < first + count && first < x.first + x.count)
+        {
+            part.moved_window = window;
+        }
+    }
+
+    fn classify(&self, density: f64, hot: f64) -> (Class, f64) {
+        if density >= hot {
+            (Class::Hot, (density / hot / 2.0).min(1.0).max(0.5))
+        } else if density >= hot / 8.0 && density > 0.0 {
+            (Class::Warm, 0.5)
+        } else {
+            (Class::Cold, if density == 0.0 { 1.0 } else { 0.6 })
+        }
+    }
+
+    /// Partitions with their class, for RPC.
+    pub fn view(&self, vol: &Volume) -> Vec<PartitionView> {
+        let g = vol.map.granule_bytes;
+        let mut d: Vec<f64> = self
+            .parts
+            .iter()
+            .map(|x| self.heat(x.first, x.count) / x.count as f64)
+            .collect();
+        d.sort_by(|a, b| b.total_cmp(a));
+        let hot = d.get(d.len() / 10).copied().unwrap_or(0.0).max(1e-9);
+        self.parts
+            .iter()
+            .map(|x| {
+                let h = self.heat(x.first, x.count);
+                let (class, confidence) = self.classify(h / x.count as f64, hot);
+                PartitionView {
+                    offset: x.first * g,
+                    length: x.count * g,
+                    tier: Self::tier_of(vol, x.first, x.count),
+                    class,
+                    predicted: h,
+                    confidence,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Computes this window's moves for one volume.
+pub fn plan(
+    vi: usize,
+    vol: &Volume,
+    st: &VolumeState,
+    tiers: &[PlanTier],
+    p: &Params,
+    window: u64,
+) -> Vec<Move> {
+    if tiers.len() < 2 {
+        return Vec::new();
+    }
+    let g = p.granule_bytes;
+    let fast = &tiers[0];
+    let cap = fast
+        .usage
+        .capacity_bytes
+        .load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let used = fast
+        .usage
+        .used_bytes
+        .load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let usable = (cap * p.fast_watermark - META_BYTES as f64).max(0.0);
+    let mut free = usable - (used - META_BYTES as f64);
+    let resident_ok = |part: &Partition| window >= part.moved_window + p.min_residence_windows;
+    // Candidates for promotion: mapped partitions not (entirely) on the fast tier.
+    let mut promote: Vec<(f64, Partition, u8)> = Vec::new();
+    // Residents that could make room, coldest first.
+    let mut residents: Vec<(f64, Partition)> = Vec::new();
+    for part in &st.parts {
+        let tier = VolumeState::tier_of(vol, part.first, part.count);
+        let heat = st.heat(part.first, part.count);
+        let score = match p.kind {
+            PolicyKind::Kiln => heat,
+            // Recency: the window of the latest access, ties by heat.
+            PolicyKind::DemandLru => {
+                let last = (part.first..part.first + part.count)
+                    .map(|x| st.last_access[x as usize])
+                    .max()
+                    .unwrap_or(0);
+                last as f64 * 1e6 + heat
+            }
+            PolicyKind::S3fifo => heat,
+            PolicyKind::Static => return Vec::new(),
+        };
+        match tier {
+            Some(0) => residents.push((score, *part)),
+            Some(t) => {
+                let accessed = st.last_access
+                    [part.first as usize..(part.first + part.count) as usize]
+                    .iter()
+                    .any(|&w| w == window);
+                let eligible = match p.kind {
+                    PolicyKind::Kiln => heat > 0.5,
+                    PolicyKind::DemandLru => accessed,
+                    PolicyKind::S3fifo => {
+                        accessed
+                            && (part.first..part.first + part.count)
+                                .any(|x| st.windows_active[x as usize].count_ones() >= 2)
+                    }
+                    PolicyKind::Static => false,
+                };
+                if eligible {
+                    promote.push((score, *part, t));
+                }
+            }
+            None => {}
+        }
+    }
+    promote.sort_by(|a, b| (b.0 / b.1.count as f64).total_cmp(&(a.0 / a.1.count as f64)));
+    match p.kind {
+        // S3-FIFO evicts in insertion order: oldest promotion first, unless still active.
+        PolicyKind::S3fifo => residents
+            .sort_by_key(|(_, x)| (st.windows_active[x.first as usize] & 1, x.moved_window)),
+        _ => {
+            residents.sort_by(|a, b| (a.0 / a.1.count as f64).total_cmp(&(b.0 / b.1.count as f64)))
+        }
+    }
+    let mut moves = Vec::new();
+    let mut victim = 0usize;
+    let mut budget = p.budget_bytes as f64;
+    for (score, part, from) in promote {
+        if p.kind == PolicyKind::Kiln && !resident_ok(&part) {
+            continue;
+        }
+        let bytes = (part.count * g) as f64;
+        let density = score / part.count as f64;
+        if p.kind == PolicyKind::Kiln {
+            let src = &tiers[from as usize];
+            let saved_us = src.read_latency_us.saturating_sub(fast.read_latency_us) as f64;
+            let benefit = st.heat(part.first, part.count) * HORIZON_WINDOWS * saved_us;
+            let bw = src.bandwidth_mib_s.min(fast.bandwidth_mib_s).max(1) as f64 * (1 << 20) as f64;
+            let copy_us = bytes / bw * 1e6;
+            let months = HORIZON_WINDOWS * 1.0 / (30.0 * 24.0 * 3600.0);
+            let dollars = (fast.cost_per_gib_month - src.cost_per_gib_month) * bytes
+                / (1u64 << 30) as f64
+                * months;
+            if benefit <= copy_us + dollars * DOLLAR_US {
+                continue;
+            }
+        }
+        // Make room by demoting the coldest residents that this partition beats.
+        let mut demotions = Vec::new();
+        let mut room = free;
+        let mut v = victim;
+        while room < bytes && v < residents.len() {
+            let (rs, rp) = residents[v];
+            let r_density = rs / rp.count as f64;
+            let beats = match p.kind {
+                PolicyKind::Kiln => resident_ok(&rp) && density > r_density * (1.0 + p.hysteresis),
+                _ => window > rp.moved_window && density > r_density,
+            };
+            if !beats {
+                break;
+            }
+            demotions.push(rp);
+            room += (rp.count * g) as f64;
+            v += 1;
+        }
+        if room < bytes {
+            break;
+        }
+        let cost: f64 = bytes + demotions.iter().map(|d| (d.count * g) as f64).sum::<f64>();
+        if cost > budget {
+            break;
+        }
+        budget -= cost;
+        victim = v;
+        free = room - bytes;
+        let rate = density.max(1e-9);
+        for d in demotions {
+            moves.push(Move {
+                volume: vi,
+                first_granule: d.first,
+                count: d.count,
+                from_tier: 0,
+                to_tier: 1,
+                priority: rate + 1e-6,
+                deadline_ms: 0.0,
+            });
+        }
+        moves.push(Move {
+            volume: vi,
+            first_granule: part.first,
+            count: part.count,
+            from_tier: from,
+            to_tier: 0,
+            priority: rate,
+            deadline_ms: 1000.0 / rate.max(1e-3),
+        });
+    }
+    moves
+}
