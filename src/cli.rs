@@ -21,6 +21,8 @@ pub enum Command {
     ProbeIdle(crate::bench::IdleProbeArgs),
     /// Replay a block I/O trace against tiering policies in virtual time.
     Replay(crate::replay::ReplayArgs),
+    /// Draw a volume's heat over time (LBA × windows, tier overlay) as SVG or PNG.
+    Heatmap(crate::heatmap::HeatmapArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +98,16 @@ pub fn main() -> i32 {
             }
             Err(e) => {
                 eprintln!("kiln probe-idle: error: {e}");
+                1
+            }
+        },
+        Command::Heatmap(args) => match crate::heatmap::run(&args) {
+            Ok(msg) => {
+                println!("{msg}");
+                0
+            }
+            Err(e) => {
+                eprintln!("kiln heatmap: error: {e}");
                 1
             }
         },

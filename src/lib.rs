@@ -11,6 +11,7 @@ pub mod config;
 pub mod dma;
 pub mod frame;
 pub mod heat;
+pub mod heatmap;
 pub mod metrics;
 pub mod migrate;
 pub mod policy;

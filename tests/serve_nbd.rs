@@ -193,10 +193,14 @@ fn volume_map_and_write_metrics_grow() {
     let chunks = mapped_chunks(&map);
     assert!(!chunks.is_empty(), "no chunks mapped after writes: {map}");
     let mapped: u64 = chunks.iter().map(|(_, len, _)| len).sum();
-    assert!(
-        mapped >= 64 * MIB,
-        "fio wrote all over 64 MiB but only {mapped} bytes are mapped"
-    );
+    // fio's random map visits every block of the 64 MiB before repeating one, so after a few
+    // thousand writes every 1 MiB chunk has been written.
+    if fio_writes >= 4000.0 {
+        assert!(
+            mapped >= 64 * MIB,
+            "fio wrote all over 64 MiB but only {mapped} bytes are mapped: {map}"
+        );
+    }
     for (_, _, tier) in &chunks {
         assert!(
             tier == "fast" || tier == "capacity",

@@ -12,8 +12,9 @@
 //!    must match (a unit that differs is copied again, once).
 //! 4. Switch: one journaled `Map` record points the granules at Q; the
 //!    metadata service publishes it only after the commit is durable.
-//! 5. Clear the migration state, wait a grace period (no request still reads
-//!    P), and release P.
+//! 5. Wait a grace period (a write that read the old map has also seen the
+//!    shadow and finished), clear the migration state, wait another grace
+//!    period (no request still reads P), and release P.
 //!
 //! A crash before step 4's commit leaves the map on P, which every
 //! acknowledged write reached; after it, on Q, which every acknowledged write
@@ -534,9 +535,13 @@ impl Migrator {
         self.stats
             .inflight_bytes
             .fetch_sub(bytes, Ordering::Relaxed);
+        // After a switch, a write that read the old map must also still see the
+        // shadow: wait for every request that may have read the old map before
+        // clearing it (a write reads the map, then the shadow state).
+        let pre_clear = if result.is_ok() { self.grace() } else { Ok(()) };
         // Whatever happened, no granule stays locked or shadowed.
         vol.map.set_migration(first, count, Migration::None);
-        let grace = self.grace();
+        let grace = pre_clear.and(self.grace());
         match result {
             Ok(()) => {
                 grace.map_err(MigrateError::Failed)?;

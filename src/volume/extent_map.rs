@@ -130,8 +130,9 @@ impl ExtentMap {
     }
 
     /// Calls `f(logical_offset, len, (tier, phys_byte))` for each contiguous
-    /// shadow destination inside the byte range whose destination differs
-    /// from the primary location.
+    /// shadow destination inside the byte range. The caller skips pieces equal
+    /// to the primary locations it used: comparing with a fresh map read here
+    /// would race with a switch.
     #[inline]
     pub fn for_each_shadow_piece(
         &self,
@@ -148,7 +149,7 @@ impl ExtentMap {
             let piece_end = ((granule + 1) * g).min(end);
             let in_g = pos % g;
             let target = match self.migration(granule) {
-                Migration::Shadow(l) | Migration::Locked(l) if self.get(granule) != Some(l) => {
+                Migration::Shadow(l) | Migration::Locked(l) => {
                     Some((l.tier, l.phys_granule * g + in_g))
                 }
                 _ => None,

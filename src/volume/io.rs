@@ -302,6 +302,9 @@ impl VolumeIo {
             }
             kind => {
                 let mut unmapped_write = false;
+                // The primary pieces this request uses, to tell shadows apart from them.
+                let mut primary = [(0u64, 0u64, 0u8, 0u64); 8];
+                let mut primary_n = 0usize;
                 vol.map.for_each_piece(
                     op.offset_bytes,
                     op.len_bytes as u64,
@@ -317,6 +320,10 @@ impl VolumeIo {
                             (None, IoKind::Write) => unmapped_write = true,
                             (None, _) => {}
                             (Some((tier, phys)), _) => {
+                                if primary_n < primary.len() {
+                                    primary[primary_n] = (logical, len, tier, phys);
+                                    primary_n += 1;
+                                }
                                 let req = IoRequest {
                                     tag,
                                     kind,
@@ -347,6 +354,17 @@ impl VolumeIo {
                         op.offset_bytes,
                         op.len_bytes as u64,
                         |logical, len, (tier, phys)| {
+                            // Skip a shadow that is the location this request already writes
+                            // (after a switch, before the shadow is cleared).
+                            let same = primary[..primary_n].iter().any(|&(pl, plen, pt, pp)| {
+                                pt == tier
+                                    && logical >= pl
+                                    && logical + len <= pl + plen
+                                    && pp + (logical - pl) == phys
+                            });
+                            if same {
+                                return;
+                            }
                             let buf_off = (logical - op.offset_bytes) as usize;
                             let req = IoRequest {
                                 tag,

@@ -59,7 +59,8 @@ pub fn require_tool(tool: &str) -> bool {
 
 /// Checks several tools; false (after printing SKIPPED lines) if any is missing.
 pub fn require_tools(tools: &[&str]) -> bool {
-    tools.iter().fold(true, |ok, t| require_tool(t) && ok)
+    // Check every tool (no short-circuit) so all missing ones are reported.
+    tools.iter().filter(|t| !require_tool(t)).count() == 0
 }
 
 /// A TCP port that was free a moment ago, never handed out twice by this process.
@@ -379,6 +380,27 @@ listen = "127.0.0.1:{metrics_port}"
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("rpc output is JSON")
+    }
+
+    /// `kiln rpc METHOD PARAMS`: the result, or the client's error text (for calls that are
+    /// expected to fail).
+    pub fn try_rpc(&self, method: &str, params: Option<&str>) -> Result<Value, String> {
+        let mut cmd = Command::new(KILN);
+        cmd.args(["rpc", method]);
+        if let Some(p) = params {
+            cmd.arg(p);
+        }
+        let out = cmd
+            .arg("-s")
+            .arg(&self.rpc_sock)
+            .arg("--timeout")
+            .arg("30")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("rpc output is not JSON: {e}"))
     }
 
     pub fn tcp_uri(&self) -> String {
