@@ -3,11 +3,18 @@
 # fio writes 4 KiB random blocks with crc32c verify headers over NBD (unix socket) and saves its
 # verify state; the server is killed with SIGKILL once it has acknowledged a random number of
 # writes; after a restart `fio --verify_only --verify_state_load=1` must find every write fio
-# saw complete intact.
+# saw acknowledged intact.
+#
+# fio 3.33's verify state assumes the writes in flight at the crash were among the last
+# iodepth issued; kiln may answer out of order, so fio can also verify a few writes that were
+# never acknowledged (they were in flight when the server died). The write phase keeps a
+# completion log (--write_lat_log --log_offset=1: one line per acknowledged write) and a verify
+# failure counts only if its block is in that log; at most iodepth unacknowledged failures are
+# tolerated and reported.
 #
 #   bench/crash.sh [TRIALS]          default 10; env SEED replays a run, KEEP=1 keeps the dirs
 #
-# Needs: fio (nbd engine), curl; builds target/release/kiln if missing.
+# Needs: fio (nbd engine), curl, python3; builds target/release/kiln if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRIALS=${1:-${TRIALS:-10}}
@@ -26,7 +33,7 @@ cleanup() { [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null; true; }
 trap cleanup EXIT
 
 start_server() { # dir
-    "$KILN" serve --config "$1/kiln.toml" >>"$1/kiln.log" 2>&1 &
+    NO_COLOR=1 "$KILN" serve --config "$1/kiln.toml" >>"$1/kiln.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 600); do
         if "$KILN" rpc kiln_get_version -s "$1/kiln.sock" --timeout 2 >/dev/null 2>&1; then return 0; fi
@@ -86,7 +93,7 @@ EOF
     start_server "$dir"
     t0=$(date +%s.%N)
     (cd "$dir" && exec fio --output-format=json "${job[@]}" --do_verify=0 --verify_state_save=1 \
-        >write.out 2>write.err) &
+        --write_lat_log=acked --log_offset=1 >write.out 2>write.err) &
     fio_pid=$!
     acked=0
     for _ in $(seq 6000); do
@@ -104,14 +111,27 @@ EOF
     (cd "$dir" && fio --output-format=json "${job[@]}" --verify_only --verify_state_load=1 \
         --verify_state_save=0 >verify.out 2>verify.err) || rc=$?
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=
-    read -r err verified < <(fio_json "$dir/verify.out" | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["error"], j["read"]["total_ios"])' 2>/dev/null || echo "? ?")
-    bad=$(grep -c "verify" "$dir/verify.err" || true)
+    # verdict: failures on acknowledged blocks, tolerated failures on unacknowledged ones
+    read -r err verified lost tolerated < <(python3 - "$dir" <<'PY' || echo "? ? ? ?"
+import json, re, sys
+d = sys.argv[1]
+acked = {int(f[4]) for f in (l.split(",") for l in open(f"{d}/acked_clat.1.log")) if len(f) >= 5 and f[2].strip() == "1"}
+bad = [int(x) for x in re.findall(r"requested block: offset=(\d+)", open(f"{d}/verify.err").read())]
+out = open(f"{d}/verify.out").read()
+j = json.loads(out[out.index("\n{") + 1:])["jobs"][0]
+lost = [b for b in bad if b in acked]
+print(j["error"], j["read"]["total_ios"], len(lost), len(bad) - len(lost))
+PY
+)
     replayed=$(grep -o "journal open.*replayed=[0-9]*" "$dir/kiln.log" | tail -1 | grep -o "replayed=[0-9]*" || true)
     secs=$(echo "$(date +%s.%N) - $t0" | bc)
     status=ok
-    if (( rc != 0 )) || [[ $err != 0 ]] || (( bad > 0 )); then status=FAILED; fail=$((fail + 1)); fi
-    printf 'trial %d: kill after %d writes (%d acked): fio completed %s, verified %s, verify errors %d, %s, %.1fs: %s\n' \
-        "$n" "$kill_after" "$acked" "$written" "$verified" "$bad" "$replayed" "$secs" "$status"
+    if [[ $lost != 0 ]] || [[ $tolerated == "?" ]] || (( tolerated > 16 )) ||
+        { [[ $tolerated == 0 ]] && { (( rc != 0 )) || [[ $err != 0 ]]; }; }; then
+        status=FAILED; fail=$((fail + 1))
+    fi
+    printf 'trial %d: kill after %d writes (%d acked): fio issued %s, verified %s, lost acked writes %s, unacked in-flight blocks failing verify %s (tolerated), %s, %.1fs: %s\n' \
+        "$n" "$kill_after" "$acked" "$written" "$verified" "$lost" "$tolerated" "$replayed" "$secs" "$status"
     if [[ $status == FAILED ]]; then
         head -5 "$dir/verify.err"; echo "kept $dir"
     elif [[ -z ${KEEP:-} ]]; then

@@ -27,7 +27,7 @@ SIZE=${SIZE:-1g}
 KILN=${KILN:-target/release/kiln}
 SERVER_CORE=${SERVER_CORE:-0}
 FIO_CORE=${FIO_CORE:-1}
-for t in fio nbdkit taskset python3; do
+for t in fio nbdkit nbdinfo taskset python3; do
     command -v "$t" >/dev/null || { echo "nbd.sh: needs $t" >&2; exit 2; }
 done
 [[ -x $KILN ]] || cargo build --release

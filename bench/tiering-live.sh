@@ -162,11 +162,11 @@ EOF
         rpc migration_get_status >"$dir/fg-running-after.json"
         # Integrity: crc32c verify of zipf random writes while the policy keeps migrating.
         echo "[$policy] verify phase (crc32c)"
-        fio --name=verify --ioengine=nbd "--uri=$(URI)" --rw=randwrite --bs=4k --iodepth=8 \
+        (cd "$dir" && exec fio --name=verify --ioengine=nbd "--uri=$(URI)" --rw=randwrite --bs=4k --iodepth=8 \
             --size=2g --io_size=$((QUICK ? 128 : 384))m --random_distribution=zipf:1.2:0.75 \
             --norandommap --serialize_overlap=1 --verify=crc32c --do_verify=1 \
             --verify_backlog=1024 --verify_fatal=0 --output-format=json \
-            >"$dir/verify.json" 2>"$dir/verify.err" || true
+            >"$dir/verify.json" 2>"$dir/verify.err") || true
         rpc migration_get_status >"$dir/status-verify.json"
     fi
     kill "$POLLER_PID" 2>/dev/null; wait "$POLLER_PID" 2>/dev/null || true; POLLER_PID=

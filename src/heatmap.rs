@@ -251,7 +251,7 @@ impl Layout {
             strip_w,
             legend_y,
             width: (class_x + strip_w + 70).max(x0 + 560),
-            height: legend_y + 30 + 18 * g.tiers.len().max(1) + 10,
+            height: legend_y + 50 + 16 * g.tiers.len().max(1),
         }
     }
 }
@@ -554,7 +554,7 @@ pub fn render_svg(v: &Value) -> Result<String, String> {
         ly + 1
     );
     for (i, name) in g.tiers.iter().enumerate() {
-        let y = ly + 10 + 16 * i;
+        let y = ly + 16 + 16 * i;
         let hatch = if i == 0 {
             "none".to_string()
         } else {
@@ -824,7 +824,7 @@ pub fn render_png(v: &Value) -> Result<Vec<u8>, String> {
     cv.rect(lx, ly - 8, 12, 10, GREY);
     cv.text(lx + 16, ly - 8, "UNMAPPED", black);
     for (i, name) in g.tiers.iter().enumerate() {
-        let y = ly + 10 + 16 * i;
+        let y = ly + 16 + 16 * i;
         cv.rect(lx, y - 8, 12, 10, tier_colour(i as u8));
         cv.rect(lx + 16, y - 8, 24, 10, heat_colour(0, 1));
         if i > 0 {
@@ -936,6 +936,9 @@ pub struct HeatmapArgs {
     /// Windows (columns) to fetch, at most 900.
     #[arg(long, default_value_t = 900)]
     pub windows: u64,
+    /// Render a saved `volume_get_heatmap` answer (JSON file) instead of asking a server.
+    #[arg(long)]
+    pub input: Option<std::path::PathBuf>,
 }
 
 /// Fetches the heat map and writes the picture. Returns a one-line summary.
@@ -951,12 +954,18 @@ pub fn run(args: &HeatmapArgs) -> Result<String, String> {
             args.out.display()
         ));
     }
-    let v = crate::rpc::call(
-        &args.socket,
-        "volume_get_heatmap",
-        Some(serde_json::json!({"volume": args.volume, "windows": args.windows})),
-        std::time::Duration::from_secs(30),
-    )?;
+    let v = match &args.input {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => crate::rpc::call(
+            &args.socket,
+            "volume_get_heatmap",
+            Some(serde_json::json!({"volume": args.volume, "windows": args.windows})),
+            std::time::Duration::from_secs(30),
+        )?,
+    };
     let bytes = if ext.as_deref() == Some("svg") {
         render_svg(&v)?.into_bytes()
     } else {

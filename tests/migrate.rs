@@ -369,7 +369,7 @@ fn copy_path_is_zero_copy() {
             "write {i} did not reuse its read buffer"
         );
     }
-    // Reads = copy reads + verify reads of both copies.
+    // Reads = copy reads + the read-back of every copied block.
     assert_eq!(reads.len(), writes.len() * 3);
     // Data moved intact.
     assert!((0..g).all(|x| s.vol.map.get(x).unwrap().tier == to));

@@ -130,7 +130,13 @@ fn fio_verify_passes_while_chunks_migrate_both_ways() {
     assert!(num(&st, "completed") > 0, "no migration completed: {st}");
     assert!(num(&st, "promotions") > 0, "no promotion: {st}");
     assert!(num(&st, "demotions") > 0, "no demotion: {st}");
-    assert_eq!(num(&st, "failed"), 0, "failed migrations: {st}");
+    // A migration whose copy differs from its source twice (a write raced both verify
+    // passes) is aborted and the chunk stays where it was: allowed, but rare.
+    assert!(
+        num(&st, "failed") * 20 <= num(&st, "completed"),
+        "too many failed migrations: {st}\nlog:\n{}",
+        k.log_text()
+    );
     let tiers = tiers_in_map(&k);
     assert!(
         tiers.contains("fast") && tiers.contains("capacity"),
@@ -220,7 +226,6 @@ fn crash_trial(n: usize, delay_ms: u64, fio_seed: u64) -> String {
     let mut k = Kiln::start(&format!("mlive-crash{n}"), aggressive());
     // 256 MiB with verify headers: the first ~64 MiB land on the fast tier, the rest on capacity.
     prefill(&k, "0", "256m", true);
-    let before = n_completed(&k);
     let seed = format!("--randseed={fio_seed}");
     let mut w = spawn_fio(
         &k.dir.path,
@@ -236,15 +241,25 @@ fn crash_trial(n: usize, delay_ms: u64, fio_seed: u64) -> String {
             ],
         ),
     );
-    // Kill while a migration is in flight (or right after one completed), `delay_ms` later.
+    // Once fio's writes flow (the prefill's heat may still be moving chunks), kill while a
+    // migration is in flight (or right after one completed), `delay_ms` later.
     let t0 = Instant::now();
     let mut seen = None;
+    let mut before = None;
     while t0.elapsed() < Duration::from_secs(40) {
         if w.child.try_wait().unwrap().is_some() {
             break;
         }
+        let Some(b) = before else {
+            // 256 prefill writes, then at least 200 of the hot job's.
+            if writes_total(&k) > 456.0 {
+                before = Some(n_completed(&k));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
         if let Ok(st) = k.try_rpc("migration_get_status", None) {
-            if num(&st, "in_flight") > 0 || num(&st, "completed") > before {
+            if num(&st, "in_flight") > 0 || num(&st, "completed") > b {
                 seen = Some(st);
                 break;
             }

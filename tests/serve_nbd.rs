@@ -59,7 +59,13 @@ fn qemu_img_roundtrip_64mib() {
     if !require_tool("qemu-img") {
         return;
     }
-    let k = Kiln::start("qemu", Opts::default());
+    let k = Kiln::start(
+        "qemu",
+        Opts {
+            volume: "256MiB",
+            ..Opts::default()
+        },
+    );
     let seed = seed_from_env("KILN_TEST_SEED");
     eprintln!("qemu_img_roundtrip_64mib: seed {seed}");
     let mut data = vec![0u8; 64 * MIB as usize];
@@ -337,6 +343,13 @@ fn read_past_end_is_einval_and_connection_survives() {
         "read across the end"
     );
     assert_eq!(a.read(size - 4096, 4096).unwrap(), pattern);
+    // A WRITE past the end is refused too, after its payload has been consumed.
+    assert_eq!(
+        a.write(size, &[0xee; 4096]),
+        NBD_EINVAL,
+        "write at offset = size"
+    );
+    assert_eq!(a.read(size - 4096, 4096).unwrap(), pattern);
     // The other client is unaffected, and gets the same error as a structured chunk.
     assert_eq!(b.read(size - 4096, 4096).unwrap(), pattern);
     assert_eq!(
@@ -460,4 +473,98 @@ fn sigterm_is_a_clean_shutdown_and_data_survives_restart() {
         .find(|l| l.contains("journal open"))
         .unwrap();
     assert!(last.contains("replayed=0"), "{last}");
+}
+
+#[test]
+fn flush_trim_zeroes_and_oversized_requests() {
+    let k = Kiln::start("edges", Opts::default());
+    let mut c = RawClient::tcp(k.tcp_port, false);
+    let simple = |c: &mut RawClient, kind: u16, offset: u64, length: u32| -> u32 {
+        let cookie = c.send(kind, offset, length, &[]);
+        let hdr = read_exact(c.s.as_mut(), SIMPLE_REPLY_BYTES);
+        let (err, got) = parse_simple_reply(hdr[..].try_into().unwrap()).unwrap();
+        assert_eq!(got, cookie);
+        err
+    };
+    let data = vec![0x5au8; 64 << 10];
+    assert_eq!(c.write(1 << 20, &data), 0);
+    assert_eq!(simple(&mut c, NBD_CMD_FLUSH, 0, 0), 0, "flush");
+    assert_eq!(c.read(1 << 20, 64 << 10).unwrap(), data);
+    assert_eq!(
+        simple(&mut c, NBD_CMD_WRITE_ZEROES, 1 << 20, 4096),
+        0,
+        "write zeroes"
+    );
+    let back = c.read(1 << 20, 8192).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0), "zeroed block");
+    assert!(back[4096..].iter().all(|&b| b == 0x5a), "neighbour kept");
+    assert_eq!(simple(&mut c, NBD_CMD_TRIM, 1 << 20, 64 << 10), 0, "trim");
+    // Unaligned and oversized reads are refused without a payload; the stream stays in sync.
+    assert_eq!(c.read(1, 512), Err(NBD_EINVAL), "unaligned read");
+    assert_eq!(
+        c.read(0, 2 << 20),
+        Err(NBD_EOVERFLOW),
+        "read above max payload"
+    );
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    // A write above the maximum payload cannot be skipped: the server closes the connection.
+    c.send(NBD_CMD_WRITE, 0, 4 << 20, &[]);
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+    assert!(
+        rest.len() < SIMPLE_REPLY_BYTES + 1,
+        "got {} bytes after an oversized write",
+        rest.len()
+    );
+    let log = k.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("closing NBD connection") && l.contains("byte limit")),
+        "{log}"
+    );
+    // Others still work.
+    let mut d = RawClient::unix(&k.nbd_sock, true);
+    assert_eq!(d.read(0, 4096).unwrap(), vec![0; 4096]);
+    d.disconnect();
+}
+
+#[test]
+fn sigterm_with_a_half_sent_write_still_shuts_down_promptly() {
+    let mut k = Kiln::start("halfwrite", Opts::default());
+    let mut c = RawClient::tcp(k.tcp_port, false);
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    // A WRITE header announcing 64 KiB, followed by only 100 bytes of payload.
+    send_request(c.s.as_mut(), NBD_CMD_WRITE, 99, 0, 64 << 10, &[7; 100]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let st = k.terminate(Duration::from_secs(60));
+    let took = t0.elapsed();
+    assert_eq!(st.code(), Some(0), "{}", k.log_text());
+    assert!(k.log_text().contains("clean shutdown"), "{}", k.log_text());
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown took {took:?} with a half-received write pending:\n{}",
+        k.log_text()
+    );
+}
+
+#[test]
+fn client_disconnecting_mid_write_payload_is_cleaned_up() {
+    let k = Kiln::start("midpayload", Opts::default());
+    let conns = |k: &Kiln| metric_value(&k.scrape(), "kiln_nbd_connections", &[]).unwrap_or(-1.0);
+    for _ in 0..3 {
+        let mut c = RawClient::tcp(k.tcp_port, false);
+        assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+        send_request(c.s.as_mut(), NBD_CMD_WRITE, 99, 0, 64 << 10, &[7; 100]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(c);
+    }
+    // The gauge is refreshed every 500 ms.
+    let t0 = Instant::now();
+    let mut n = conns(&k);
+    while n != 0.0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        n = conns(&k);
+    }
+    assert_eq!(n, 0.0, "connections still open after their clients left");
 }

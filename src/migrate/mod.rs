@@ -6,10 +6,10 @@
 //! 2. For each copy unit (1 MiB): mark it `Locked(Q)` in the map's migration
 //!    state, wait a grace period (every write that did not see the lock has
 //!    completed; new writes to the unit wait), copy P→Q through one DMA
-//!    buffer per I/O (read into it, write out of it: no memcpy), then mark
-//!    it `Shadow(Q)`: from now on writes go to both P and Q.
-//! 3. Grace period, then verify: crc32c of every unit read from P and from Q
-//!    must match (a unit that differs is copied again, once).
+//!    buffer per I/O (read into it, write out of it: no memcpy), read Q back
+//!    and check every block's crc32c against the source's, then mark it
+//!    `Shadow(Q)`: from now on writes go to both P and Q.
+//! 3. (A unit whose check fails is copied once more; a second failure aborts.)
 //! 4. Switch: one journaled `Map` record points the granules at Q; the
 //!    metadata service publishes it only after the commit is durable.
 //! 5. Wait a grace period (a write that read the old map has also seen the
@@ -580,6 +580,10 @@ impl Migrator {
         }
     }
 
+    /// Copies one unit under its lock and verifies the copy before unlocking:
+    /// the crc32c of every block read from the source must equal the crc32c of
+    /// the block read back from the destination. Only then does the unit
+    /// become a shadow (writes go to both copies).
     fn copy_unit(
         &mut self,
         vol: &Volume,
@@ -589,11 +593,23 @@ impl Migrator {
         to: Location,
     ) -> Result<(), String> {
         vol.map.set_migration(first, count, Migration::Locked(to));
-        self.grace()?;
-        let mut ops = self.ops_for(from, to, first, count);
-        let r = self.run_ops(&mut ops, false);
+        let r = self.grace().and_then(|()| {
+            let mut ops = self.ops_for(from, to, first, count);
+            let src = self.run_ops(&mut ops, false)?;
+            let mut back = self.ops_for(to, to, first, count);
+            let dst = self.run_ops(&mut back, true)?;
+            if src != dst {
+                return Err(format!(
+                    "crc32c mismatch between source and copy of granules {first}+{count}"
+                ));
+            }
+            self.stats
+                .bytes_verified
+                .fetch_add(count * vol.map.granule_bytes, Ordering::Relaxed);
+            Ok(())
+        });
         vol.map.set_migration(first, count, Migration::Shadow(to));
-        r.map(drop)
+        r
     }
 
     fn copy_verify_switch(
@@ -614,40 +630,12 @@ impl Migrator {
                 tier: l.tier,
                 phys_granule: l.phys_granule + u,
             };
-            self.copy_unit(vol, first + u, n, shift(from), shift(to))?;
-            u += n;
-        }
-        // Every write issued before now reached both copies: verify.
-        self.grace()?;
-        let mut u = 0;
-        while u < count {
-            let n = unit.min(count - u);
-            let shift = |l: Location| Location {
-                tier: l.tier,
-                phys_granule: l.phys_granule + u,
-            };
-            let mut src = self.ops_for(shift(from), shift(from), first + u, n);
-            let mut dst = self.ops_for(shift(to), shift(to), first + u, n);
-            let a = self.run_ops(&mut src, true)?;
-            let b = self.run_ops(&mut dst, true)?;
-            if a != b {
-                // A write raced a verify read (it lands on P and Q in either order):
-                // copy this unit once more under the lock, then compare again.
+            if let Err(e) = self.copy_unit(vol, first + u, n, shift(from), shift(to)) {
+                // One retry: a device hiccup, not a race (the unit was locked).
                 self.stats.verify_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("retrying copy of granules {}+{n}: {e}", first + u);
                 self.copy_unit(vol, first + u, n, shift(from), shift(to))?;
-                self.grace()?;
-                let mut src = self.ops_for(shift(from), shift(from), first + u, n);
-                let mut dst = self.ops_for(shift(to), shift(to), first + u, n);
-                if self.run_ops(&mut src, true)? != self.run_ops(&mut dst, true)? {
-                    return Err(format!(
-                        "crc32c mismatch between source and copy of granules {}+{n}",
-                        first + u
-                    ));
-                }
             }
-            self.stats
-                .bytes_verified
-                .fetch_add(n * g, Ordering::Relaxed);
             u += n;
         }
         self.meta_call(|reply| MetaRequest::Switch {

@@ -4,9 +4,9 @@
 //! - benefit = predicted accesses of p per window × horizon windows ×
 //!   (latency of s − latency of d) in µs;
 //! - cost = the copy's device time (bytes / bandwidth of the slower of s, d)
-//!   in µs, plus the capacity cost difference
-//!   (cost_per_gib_month of d − s) × GiB × horizon, weighted by
-//!   [`DOLLAR_US`] µs per dollar.
+//!   in µs, plus the capacity cost difference (cost_per_gib_month of d − s) ×
+//!   GiB × horizon, weighted by [`DOLLAR_US`] µs per dollar.
+//!
 //! A move happens only when benefit > cost, and a promotion that must evict
 //! a resident partition must beat that partition's predicted heat by the
 //! hysteresis factor. A partition that moved stays for `min_residence_windows`.
@@ -20,6 +20,8 @@ use crate::volume::Volume;
 
 /// How many µs of saved device time one dollar of capacity cost is worth.
 pub const DOLLAR_US: f64 = 1e7;
+/// Largest partition (in granules) that warm neighbours merge into: 4 MiB.
+pub const WARM_MERGE_GRANULES_MAX: u64 = 64;
 /// Windows a move's benefit is counted over.
 pub const HORIZON_WINDOWS: f64 = 30.0;
 
@@ -81,7 +83,11 @@ struct Partition {
 }
 
 pub struct VolumeState {
+    /// Predicted accesses per granule in the next window.
     pred: Vec<f64>,
+    /// Fast EWMA (weight raised during bursts) and slow EWMA (about 10 windows).
+    short: Vec<f64>,
+    long: Vec<f64>,
     last_access: Vec<u64>,
     windows_active: Vec<u8>,
     parts: Vec<Partition>,
@@ -103,6 +109,8 @@ impl VolumeState {
             .collect();
         VolumeState {
             pred: vec![0.0; granules as usize],
+            short: vec![0.0; granules as usize],
+            long: vec![0.0; granules as usize],
             last_access: vec![0; granules as usize],
             windows_active: vec![0; granules as usize],
             parts,
@@ -138,8 +146,12 @@ impl VolumeState {
         for g in 0..n {
             let now = (map.reads[g] + map.writes[g]) as f64;
             let prev = map.recent(g, 1) as f64;
+            // The slow average finds a sparse but steady hot set (zipf tails);
+            // the fast one and the trend react to a shifting one.
             let trend = (now - prev).max(0.0) * 0.5;
-            self.pred[g] = self.pred[g] * (1.0 - w) + now * w + trend;
+            self.short[g] = self.short[g] * (1.0 - w) + now * w;
+            self.long[g] = self.long[g] * 0.9 + now * 0.1;
+            self.pred[g] = 0.5 * self.short[g] + 0.5 * self.long[g] + trend;
             if now > 0.0 {
                 self.last_access[g] = window;
                 self.windows_active[g] = (self.windows_active[g] << 1) | 1;
@@ -164,25 +176,32 @@ impl VolumeState {
     }
 
     /// Splits uneven partitions and merges even neighbours. Returns (splits, merges).
+    ///
+    /// - Split (repeatedly, down to `chunk_min`): the hottest granule predicts
+    ///   over 4x the partition's mean and at least 0.05 accesses per window, so
+    ///   a hot 64 KiB inside a cold chunk can move alone.
+    /// - Merge buddies (equal size, aligned, same tier): both cold (under 0.01
+    ///   predicted accesses per granule) up to `chunk_max`, or both warm with
+    ///   heat within 2x of each other up to [`WARM_MERGE_GRANULES_MAX`].
     pub fn repartition(&mut self, vol: &Volume, p: &Params) -> (u64, u64) {
         let mut splits = 0;
         let mut out: Vec<Partition> = Vec::with_capacity(self.parts.len());
-        for part in std::mem::take(&mut self.parts) {
+        let mut work: Vec<Partition> = std::mem::take(&mut self.parts);
+        work.reverse();
+        while let Some(part) = work.pop() {
             if part.count >= 2 * p.chunk_min_granules && part.count % 2 == 0 {
-                let half = part.count / 2;
-                let (a, b) = (
-                    self.heat(part.first, half),
-                    self.heat(part.first + half, half),
-                );
-                let (hi, lo) = (a.max(b), a.min(b));
-                if hi >= 4.0 * lo + 4.0 {
-                    out.push(Partition {
-                        first: part.first,
+                let range = part.first as usize..(part.first + part.count) as usize;
+                let max = self.pred[range.clone()].iter().cloned().fold(0.0, f64::max);
+                let mean = self.pred[range].iter().sum::<f64>() / part.count as f64;
+                if max >= 0.05 && max > 4.0 * mean.max(1e-9) {
+                    let half = part.count / 2;
+                    work.push(Partition {
+                        first: part.first + half,
                         count: half,
                         ..part
                     });
-                    out.push(Partition {
-                        first: part.first + half,
+                    work.push(Partition {
+                        first: part.first,
                         count: half,
                         ..part
                     });
@@ -192,7 +211,6 @@ impl VolumeState {
             }
             out.push(part);
         }
-        // Merge buddies: equal size, aligned, same tier, both cold or both similar heat.
         let mut merges = 0;
         let mut merged: Vec<Partition> = Vec::with_capacity(out.len());
         let mut i = 0;
@@ -205,11 +223,14 @@ impl VolumeState {
                     a.count == b.count && a.first % size == 0 && b.first == a.first + a.count;
                 if buddies && size <= p.chunk_max_granules {
                     let (ha, hb) = (self.heat(a.first, a.count), self.heat(b.first, b.count));
-                    let similar = (ha < 1.0 && hb < 1.0) || (ha.max(hb) <= 2.0 * ha.min(hb));
-                    let same_tier = Self::tier_of(vol, a.first, a.count).is_some()
-                        && Self::tier_of(vol, a.first, a.count)
-                            == Self::tier_of(vol, b.first, b.count);
-                    if similar && same_tier {
+                    let cold = ha < 0.01 * a.count as f64 && hb < 0.01 * b.count as f64;
+                    let warm_similar =
+                        size <= WARM_MERGE_GRANULES_MAX && ha.max(hb) <= 2.0 * ha.min(hb);
+                    let ta = Self::tier_of(vol, a.first, a.count);
+                    if (cold || warm_similar)
+                        && ta.is_some()
+                        && ta == Self::tier_of(vol, b.first, b.count)
+                    {
                         merged.push(Partition {
                             first: a.first,
                             count: size,
@@ -241,7 +262,7 @@ impl VolumeState {
 
     fn classify(&self, density: f64, hot: f64) -> (Class, f64) {
         if density >= hot {
-            (Class::Hot, (density / hot / 2.0).min(1.0).max(0.5))
+            (Class::Hot, (density / hot / 2.0).clamp(0.5, 1.0))
         } else if density >= hot / 8.0 && density > 0.0 {
             (Class::Warm, 0.5)
         } else {
@@ -327,10 +348,9 @@ pub fn plan(
             Some(t) => {
                 let accessed = st.last_access
                     [part.first as usize..(part.first + part.count) as usize]
-                    .iter()
-                    .any(|&w| w == window);
+                    .contains(&window);
                 let eligible = match p.kind {
-                    PolicyKind::Kiln => heat > 0.5,
+                    PolicyKind::Kiln => heat > 0.0,
                     PolicyKind::DemandLru => accessed,
                     PolicyKind::S3fifo => {
                         accessed
