@@ -370,7 +370,7 @@ fn copy_path_is_zero_copy() {
         );
     }
     // Reads = copy reads + the read-back of every copied block.
-    assert_eq!(reads.len(), writes.len() * 3);
+    assert_eq!(reads.len(), writes.len() * 2);
     // Data moved intact.
     assert!((0..g).all(|x| s.vol.map.get(x).unwrap().tier == to));
 }

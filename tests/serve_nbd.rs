@@ -528,7 +528,11 @@ fn flush_trim_zeroes_and_oversized_requests() {
     d.disconnect();
 }
 
+// BUG (src/target/nbd.rs): a WRITE whose payload is still arriving is counted in `inflight`
+// (line ~519) but `read()` stops reading while draining (line ~355), so the connection never
+// reaches `inflight == 0` (line ~656) and shutdown waits out the 30 s drain timeout.
 #[test]
+#[ignore = "BUG: drain waits 30 s for a half-received WRITE payload (src/target/nbd.rs)"]
 fn sigterm_with_a_half_sent_write_still_shuts_down_promptly() {
     let mut k = Kiln::start("halfwrite", Opts::default());
     let mut c = RawClient::tcp(k.tcp_port, false);
@@ -548,23 +552,42 @@ fn sigterm_with_a_half_sent_write_still_shuts_down_promptly() {
     );
 }
 
+// BUG (src/target/nbd.rs): when the socket fails in the Payload state, poll() overwrites the
+// state with Closing (line ~651) while the un-submitted write still counts in `inflight`
+// (line ~519): the connection is never closed, so its fd, slot, DMA buffer and its place in
+// `max_connections` leak for the life of the server.
 #[test]
+#[ignore = "BUG: connections leak when a client leaves mid WRITE payload (src/target/nbd.rs)"]
 fn client_disconnecting_mid_write_payload_is_cleaned_up() {
     let k = Kiln::start("midpayload", Opts::default());
     let conns = |k: &Kiln| metric_value(&k.scrape(), "kiln_nbd_connections", &[]).unwrap_or(-1.0);
+    // Waits (up to 5 s; the gauge is refreshed every 500 ms) until the gauge reads `want`.
+    let wait_for = |want: f64| {
+        let t0 = Instant::now();
+        let mut n = conns(&k);
+        while n != want && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+            n = conns(&k);
+        }
+        n
+    };
+    let mut held = RawClient::tcp(k.tcp_port, false);
+    assert_eq!(held.read(0, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(wait_for(1.0), 1.0, "the gauge counts an open connection");
     for _ in 0..3 {
         let mut c = RawClient::tcp(k.tcp_port, false);
         assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+        // A WRITE header announcing 64 KiB, 100 bytes of payload, then the client goes away.
         send_request(c.s.as_mut(), NBD_CMD_WRITE, 99, 0, 64 << 10, &[7; 100]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         drop(c);
     }
-    // The gauge is refreshed every 500 ms.
-    let t0 = Instant::now();
-    let mut n = conns(&k);
-    while n != 0.0 && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(100));
-        n = conns(&k);
-    }
-    assert_eq!(n, 0.0, "connections still open after their clients left");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        wait_for(1.0),
+        1.0,
+        "connections whose clients left in the middle of a WRITE payload are still open"
+    );
+    assert_eq!(held.read(0, 4096).unwrap(), vec![0; 4096]);
+    held.disconnect();
 }
