@@ -528,11 +528,9 @@ fn flush_trim_zeroes_and_oversized_requests() {
     d.disconnect();
 }
 
-// BUG (src/target/nbd.rs): a WRITE whose payload is still arriving is counted in `inflight`
-// (line ~519) but `read()` stops reading while draining (line ~355), so the connection never
-// reaches `inflight == 0` (line ~656) and shutdown waits out the 30 s drain timeout.
+// Regression: a WRITE whose payload is still arriving when the server drains was counted
+// in flight forever, so shutdown waited out the 30 s drain timeout.
 #[test]
-#[ignore = "BUG: drain waits 30 s for a half-received WRITE payload (src/target/nbd.rs)"]
 fn sigterm_with_a_half_sent_write_still_shuts_down_promptly() {
     let mut k = Kiln::start("halfwrite", Opts::default());
     let mut c = RawClient::tcp(k.tcp_port, false);
@@ -552,12 +550,9 @@ fn sigterm_with_a_half_sent_write_still_shuts_down_promptly() {
     );
 }
 
-// BUG (src/target/nbd.rs): when the socket fails in the Payload state, poll() overwrites the
-// state with Closing (line ~651) while the un-submitted write still counts in `inflight`
-// (line ~519): the connection is never closed, so its fd, slot, DMA buffer and its place in
-// `max_connections` leak for the life of the server.
+// Regression: a client leaving in the middle of a WRITE payload leaked its connection (fd,
+// slot, DMA buffer, its place in `max_connections`) for the life of the server.
 #[test]
-#[ignore = "BUG: connections leak when a client leaves mid WRITE payload (src/target/nbd.rs)"]
 fn client_disconnecting_mid_write_payload_is_cleaned_up() {
     let k = Kiln::start("midpayload", Opts::default());
     let conns = |k: &Kiln| metric_value(&k.scrape(), "kiln_nbd_connections", &[]).unwrap_or(-1.0);

@@ -271,9 +271,10 @@ impl Reactor {
     /// Runs until stopped.
     ///
     /// Adaptive parking keeps an EWMA of how long idle gaps last. Spinning only
-    /// pays when work usually returns within the spin budget; when gaps are
-    /// longer (a device at moderate load, a client at a fixed rate), the reactor
-    /// parks at once instead of burning the budget on every gap.
+    /// pays when work usually returns well within the spin budget (gaps under
+    /// half of it); when gaps are longer (a device at moderate load, a client
+    /// at a fixed rate), the reactor parks at once instead of burning the
+    /// budget on every gap.
     pub fn run(&mut self) {
         let idle_spin_ns = self.config.idle_spin_us * 1000;
         let mut idle_since_ns = 0u64;
@@ -301,7 +302,7 @@ impl Reactor {
             if idle_since_ns == 0 {
                 idle_since_ns = now;
             }
-            let spin_limit_ns = if gap_ewma_ns > 2 * idle_spin_ns {
+            let spin_limit_ns = if gap_ewma_ns > idle_spin_ns / 2 {
                 0
             } else {
                 idle_spin_ns

@@ -595,9 +595,10 @@ impl NbdPoller {
                     Self::release_slot(&mut conn, s, pool);
                 }
             }
-            if let ConnState::Payload { slot, .. } = conn.state {
-                Self::release_slot(&mut conn, slot, pool);
-            }
+            debug_assert!(
+                !matches!(conn.state, ConnState::Payload { .. }),
+                "payload slot leaked"
+            );
             self.live.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(peer = %conn.peer, "NBD connection closed");
         }
@@ -647,6 +648,15 @@ impl Poller for NbdPoller {
             let (p3, e3) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool);
             busy |= p1 || p2 || p3;
             let conn = self.conns[idx].as_mut().unwrap();
+            if e1 || e2 || e3 || self.draining.is_some() {
+                // A WRITE whose payload never fully arrived was never submitted and
+                // never acknowledged: drop it, or the connection would wait for it forever.
+                if let ConnState::Payload { slot, .. } = conn.state {
+                    conn.inflight -= 1;
+                    Self::release_slot(conn, slot, ctx.pool);
+                    conn.state = ConnState::Closing;
+                }
+            }
             if e1 || e2 || e3 {
                 conn.state = ConnState::Closing;
                 conn.dead = true;
