@@ -103,6 +103,27 @@ fn op_index(kind: IoKind) -> usize {
     }
 }
 
+/// The tier request for the piece of `op` at logical offset `logical`,
+/// `len` bytes long, placed at byte `phys` of its tier.
+#[inline]
+fn piece_request(op: &VolumeOp, tag: u64, logical: u64, len: u64, phys: u64) -> IoRequest {
+    let buf_off = (logical - op.offset_bytes) as usize;
+    IoRequest {
+        tag,
+        kind: op.kind,
+        offset_bytes: phys,
+        len_bytes: len as u32,
+        buf: if op.buf.is_null() {
+            op.buf
+        } else {
+            // SAFETY: buf_off < len_bytes, inside the caller's buffer (VolumeIo::submit contract).
+            unsafe { op.buf.add(buf_off) }
+        },
+        buf_index: op.buf_index,
+        fua: op.fua,
+    }
+}
+
 const OPS: [IoOp; 5] = [
     IoOp::Read,
     IoOp::Write,
@@ -324,20 +345,7 @@ impl VolumeIo {
                                     primary[primary_n] = (logical, len, tier, phys);
                                     primary_n += 1;
                                 }
-                                let req = IoRequest {
-                                    tag,
-                                    kind,
-                                    offset_bytes: phys,
-                                    len_bytes: len as u32,
-                                    buf: if op.buf.is_null() {
-                                        op.buf
-                                    } else {
-                                        // SAFETY: buf_off < len_bytes, inside the caller's buffer.
-                                        unsafe { op.buf.add(buf_off) }
-                                    },
-                                    buf_index: op.buf_index,
-                                    fua: op.fua,
-                                };
+                                let req = piece_request(&op, tag, logical, len, phys);
                                 if self.push_piece(tier as usize, req) {
                                     pieces += 1;
                                 }
@@ -365,21 +373,7 @@ impl VolumeIo {
                             if same {
                                 return;
                             }
-                            let buf_off = (logical - op.offset_bytes) as usize;
-                            let req = IoRequest {
-                                tag,
-                                kind,
-                                offset_bytes: phys,
-                                len_bytes: len as u32,
-                                buf: if op.buf.is_null() {
-                                    op.buf
-                                } else {
-                                    // SAFETY: buf_off < len_bytes, inside the caller's buffer.
-                                    unsafe { op.buf.add(buf_off) }
-                                },
-                                buf_index: op.buf_index,
-                                fua: op.fua,
-                            };
+                            let req = piece_request(&op, tag, logical, len, phys);
                             if self.push_piece(tier as usize, req) {
                                 pieces += 1;
                             }
