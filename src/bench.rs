@@ -217,6 +217,8 @@ pub struct BenchJob {
     pub ios_done: u64,
     /// Stop after this many completions (tests), or `u64::MAX`.
     pub ios_limit: u64,
+    /// Whether the last step reaped anything (the poller reports busy or idle from it).
+    pub progressed: bool,
     result_tx: Option<crossbeam_channel::Sender<JobResult>>,
 }
 
@@ -301,6 +303,7 @@ impl BenchJob {
             mismatches: 0,
             ios_done: 0,
             ios_limit: u64::MAX,
+            progressed: false,
             result_tx: None,
         })
     }
@@ -418,6 +421,7 @@ impl BenchJob {
     #[inline]
     pub fn step(&mut self) -> bool {
         let n = self.chan.poll_completions(&mut self.reaped);
+        self.progressed = n > 0;
         let now = ticks();
         if !self.stopping && (now >= self.end_ticks || self.ios_done >= self.ios_limit) {
             self.stopping = true;
@@ -490,6 +494,7 @@ impl BenchJob {
 /// Wraps a job as a reactor poller.
 struct BenchPoller {
     job: Option<BenchJob>,
+    watching: bool,
 }
 
 impl Poller for BenchPoller {
@@ -497,8 +502,19 @@ impl Poller for BenchPoller {
         let Some(job) = self.job.as_mut() else {
             return PollStatus::Done;
         };
+        if !self.watching {
+            // Completions must wake a parked reactor.
+            if let Some(fd) = job.chan.notifier_fd() {
+                let _ = ctx.parker.watch(fd);
+            }
+            self.watching = true;
+        }
         if !job.step() {
-            return PollStatus::Busy;
+            return if job.progressed {
+                PollStatus::Busy
+            } else {
+                PollStatus::Idle
+            };
         }
         let mut job = self.job.take().unwrap();
         let tx = job.result_tx.take();
@@ -578,7 +594,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
             match job {
                 Ok(mut job) => {
                     job.report_to(tx);
-                    r.add_poller(Box::new(BenchPoller { job: Some(job) }));
+                    r.add_poller(Box::new(BenchPoller {
+                        job: Some(job),
+                        watching: false,
+                    }));
                 }
                 Err(e) => {
                     let _ = err_tx.send(e);

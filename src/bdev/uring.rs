@@ -192,9 +192,6 @@ impl BlockDevice for UringDevice {
         let entries = opts.queue_depth.max(8).next_power_of_two();
         let mut builder = IoUring::builder();
         builder.setup_cqsize(entries * 2);
-        // Completions run as task work when the reactor enters the kernel anyway:
-        // no IPI to interrupt a spinning reactor.
-        builder.setup_coop_taskrun();
         if self.sqpoll {
             builder.setup_sqpoll(2000);
         }
