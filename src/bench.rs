@@ -64,6 +64,13 @@ pub struct BenchArgs {
     /// Adaptive mode: spin this long with no work before parking.
     #[arg(long, default_value_t = 20)]
     pub idle_spin_us: u64,
+    /// Count every I/O in a heat sampler (64 KiB granules), as the volume engine
+    /// does, to measure the sampler's cost on the hot path.
+    #[arg(long)]
+    pub heat: bool,
+    /// With --heat: count one I/O in 2^N (the sampler scales counts back up).
+    #[arg(long, default_value_t = 4)]
+    pub heat_sample_shift: u32,
     /// Seed for offsets and verify patterns.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -219,6 +226,8 @@ pub struct BenchJob {
     pub ios_limit: u64,
     /// Whether the last step reaped anything (the poller reports busy or idle from it).
     pub progressed: bool,
+    /// Optional heat recorder: one count per submitted I/O.
+    pub heat: Option<crate::heat::HeatRecorder>,
     result_tx: Option<crossbeam_channel::Sender<JobResult>>,
 }
 
@@ -304,6 +313,7 @@ impl BenchJob {
             ios_done: 0,
             ios_limit: u64::MAX,
             progressed: false,
+            heat: None,
             result_tx: None,
         })
     }
@@ -393,6 +403,9 @@ impl BenchJob {
         // SAFETY: the slot's buffer belongs to this job for its whole life and is only
         // reused after the completion for tag `i` has been reaped.
         unsafe { self.chan.submit(&req)? };
+        if let Some(h) = &self.heat {
+            h.record((offset >> 16) as u32, kind == IoKind::Write, false);
+        }
         slot.kind = kind;
         slot.offset = offset;
         slot.state = if kind == IoKind::Write {
@@ -570,6 +583,17 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
         dma_buf_count: args.queue_depth as usize + 8,
     };
     let mut reactors = Reactors::start(&args.cores.0, &config).map_err(|e| e.to_string())?;
+    let partitions = (dev.info().size_bytes() >> 16).max(1) as usize;
+    let mut sampler = args.heat.then(|| {
+        crate::heat::HeatSampler::new(
+            partitions,
+            crate::heat::HeatConfig {
+                reactors_max: args.cores.0.len(),
+                sample_shift: args.heat_sample_shift.min(15),
+                ..Default::default()
+            },
+        )
+    });
     let (tx, rx) = crossbeam_channel::unbounded();
     let (err_tx, err_rx) = crossbeam_channel::unbounded::<String>();
     let cpu0 = process_cpu_ns();
@@ -579,6 +603,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
         let tx = tx.clone();
         let err_tx = err_tx.clone();
         let a = args.clone();
+        let recorder = sampler.as_mut().map(|s| s.handle(n));
         h.send(move |r| {
             let job = BenchJob::new(
                 dev.as_ref(),
@@ -593,6 +618,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport, String> {
             .and_then(|mut j| j.start().map(|_| j));
             match job {
                 Ok(mut job) => {
+                    job.heat = recorder;
                     job.report_to(tx);
                     r.add_poller(Box::new(BenchPoller {
                         job: Some(job),
