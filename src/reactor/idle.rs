@@ -39,6 +39,9 @@ pub struct Parker {
     epoll: RawFd,
     timerfd: RawFd,
     waker: Arc<Waker>,
+    /// Pollers' fds that fired during the last park, for pollers that only
+    /// read a socket when it is readable (see [`Parker::take_fired`]).
+    fired: std::cell::RefCell<Vec<RawFd>>,
 }
 
 fn check(rc: i32, what: &str) -> std::io::Result<i32> {
@@ -78,6 +81,7 @@ impl Parker {
                 eventfd,
                 sleeping: AtomicBool::new(false),
             }),
+            fired: std::cell::RefCell::new(Vec::with_capacity(64)),
         };
         parker.watch(eventfd)?;
         parker.watch(timerfd)?;
@@ -111,6 +115,12 @@ impl Parker {
         // SAFETY: `ev` is a valid epoll_event; the kernel copies it.
         let rc = unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) };
         check(rc, "epoll_ctl ADD").map(drop)
+    }
+
+    /// Moves the fds that fired while parked into `out` (cleared first).
+    pub fn take_fired(&self, out: &mut Vec<RawFd>) {
+        out.clear();
+        std::mem::swap(out, &mut *self.fired.borrow_mut());
     }
 
     /// Removes an fd (call before closing it).
@@ -160,8 +170,12 @@ impl Parker {
         };
         self.waker.sleeping.store(false, Ordering::SeqCst);
         let mut buf = 0u64;
+        let mut fired = self.fired.borrow_mut();
         for ev in events.iter().take(n.max(0) as usize) {
             let fd = ev.u64 as RawFd;
+            if fd != self.waker.eventfd && fd != self.timerfd && fired.len() < fired.capacity() {
+                fired.push(fd);
+            }
             if fd == self.waker.eventfd || fd == self.timerfd {
                 // SAFETY: reads 8 bytes into a valid u64 from our own non-blocking fd.
                 unsafe { libc::read(fd, &mut buf as *mut u64 as *mut libc::c_void, 8) };

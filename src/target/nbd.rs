@@ -88,6 +88,9 @@ struct Conn {
     close_after_flush: bool,
     /// The socket failed: close as soon as nothing is in flight.
     dead: bool,
+    /// Whether a recv may find data: cleared on EAGAIN, set when the reactor's
+    /// epoll reports the socket (edge-triggered), so an idle socket costs no syscall.
+    rx_ready: bool,
 }
 
 /// Holds the largest legal handshake option (16 + 64 KiB) with room to spare.
@@ -103,6 +106,8 @@ pub struct NbdPoller {
     live: Arc<AtomicUsize>,
     draining: Option<crossbeam_channel::Sender<usize>>,
     watched: Vec<RawFd>,
+    fired: Vec<RawFd>,
+    polls: u64,
 }
 
 fn set_nonblocking_nodelay(fd: RawFd) {
@@ -142,6 +147,8 @@ impl NbdPoller {
             live,
             draining: None,
             watched: Vec::new(),
+            fired: Vec::with_capacity(64),
+            polls: 0,
         }
     }
 
@@ -191,6 +198,7 @@ impl NbdPoller {
             inflight: 0,
             close_after_flush: false,
             dead: false,
+            rx_ready: true,
         };
         match self.conns.iter().position(|c| c.is_none()) {
             Some(i) => self.conns[i] = Some(conn),
@@ -374,7 +382,9 @@ impl NbdPoller {
                 }
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
-                    return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
+                    let would_block = e.kind() == std::io::ErrorKind::WouldBlock;
+                    conn.rx_ready &= !would_block;
+                    return (progress, !would_block);
                 }
                 progress = true;
                 let have = have + n as u32;
@@ -421,7 +431,9 @@ impl NbdPoller {
             }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
+                let would_block = e.kind() == std::io::ErrorKind::WouldBlock;
+                conn.rx_ready &= !would_block;
+                return (progress, !would_block);
             }
             conn.rx_len += n as usize;
             progress = true;
@@ -639,12 +651,29 @@ impl Poller for NbdPoller {
             }
             busy = true;
         }
+        // Sockets the reactor's epoll reported since the last park may have data;
+        // others are tried only every 8th poll (a spinning reactor never parks).
+        ctx.parker.take_fired(&mut self.fired);
+        for c in self.conns.iter_mut().flatten() {
+            if self.fired.contains(&c.fd.as_raw_fd()) {
+                c.rx_ready = true;
+            }
+        }
+        self.polls += 1;
+        let sweep = self.polls % 8 == 0;
         for idx in 0..self.conns.len() {
             if self.conns[idx].is_none() {
                 continue;
             }
             let (p1, e1) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool);
-            let (p2, e2) = self.read(idx, ctx.pool);
+            let try_read = self.conns[idx]
+                .as_ref()
+                .is_some_and(|c| c.rx_ready || sweep);
+            let (p2, e2) = if try_read {
+                self.read(idx, ctx.pool)
+            } else {
+                (false, false)
+            };
             let (p3, e3) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool);
             busy |= p1 || p2 || p3;
             let conn = self.conns[idx].as_mut().unwrap();
