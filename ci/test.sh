@@ -14,4 +14,8 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo build --release"
 cargo build --release
 echo "== cargo test --release"
-cargo test --release -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release -- --test-threads=2 2>&1 | tee "$log"
+# One closing line over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
