@@ -29,7 +29,6 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -580,34 +579,6 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Wait until `a` or `b` is readable. Returns `(a_ready, b_ready)`.
-fn poll_two(a: &impl AsRawFd, b: &impl AsRawFd) -> io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid, initialised array of two pollfd structs that lives across
-        // the call, and its length is passed as nfds; both fds are owned by live objects.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc >= 0 {
-            return Ok((fds[0].revents != 0, fds[1].revents != 0));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
 fn accept_loop(
     listener: TcpListener,
     wake: UnixStream,
@@ -616,7 +587,7 @@ fn accept_loop(
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
-        let (ready, woken) = match poll_two(&listener, &wake) {
+        let (ready, woken) = match crate::rpc::poll_two(&listener, &wake) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("metrics server poll failed: {e}");

@@ -276,7 +276,7 @@ impl Drop for RpcServer {
 }
 
 /// Wait until `a` or `b` is readable. Returns `(a_ready, b_ready)`.
-fn poll_two(a: &impl AsRawFd, b: &impl AsRawFd) -> io::Result<(bool, bool)> {
+pub(crate) fn poll_two(a: &impl AsRawFd, b: &impl AsRawFd) -> io::Result<(bool, bool)> {
     let mut fds = [
         libc::pollfd {
             fd: a.as_raw_fd(),

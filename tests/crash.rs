@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -38,31 +37,6 @@ fn job(k: &Kiln, phase: &[&str]) -> Vec<String> {
     a.push(format!("--uri={}", k.unix_uri()));
     a.extend(phase.iter().map(|s| s.to_string()));
     a
-}
-
-/// Offsets of the writes fio saw complete successfully, from its completion-latency log
-/// (`time, latency, ddir, bs, offset, prio` per line).
-fn acked_offsets(path: &std::path::Path) -> HashSet<u64> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("fio completion log {}: {e}", path.display()));
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').map(str::trim).collect();
-            (f.len() >= 5 && f[2] == "1").then(|| f[4].parse().unwrap())
-        })
-        .collect()
-}
-
-/// Block offsets fio reported as failing verification.
-fn bad_offsets(stderr: &str) -> Vec<u64> {
-    stderr
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split_once("requested block: offset=")?.1;
-            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            digits.parse().ok()
-        })
-        .collect()
 }
 
 struct Outcome {

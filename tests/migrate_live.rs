@@ -159,30 +159,6 @@ fn fio_verify_passes_while_chunks_migrate_both_ways() {
     );
 }
 
-/// Offsets of the writes fio saw complete (`--write_lat_log --log_offset=1`).
-fn acked_offsets(path: &std::path::Path) -> HashSet<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("fio completion log {}: {e}", path.display()))
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').map(str::trim).collect();
-            (f.len() >= 5 && f[2] == "1").then(|| f[4].parse().unwrap())
-        })
-        .collect()
-}
-
-/// Block offsets fio reported as failing verification.
-fn bad_offsets(stderr: &str) -> Vec<u64> {
-    stderr
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split_once("requested block: offset=")?.1;
-            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            digits.parse().ok()
-        })
-        .collect()
-}
-
 const CRASH_IODEPTH: u64 = 16;
 
 /// The hot-region job: uniform random 4 KiB writes over 64 MiB at 256 MiB (first written

@@ -875,3 +875,28 @@ pub fn send_request(
     s.write_all(&hdr)?;
     s.write_all(payload)
 }
+
+/// Offsets of the writes fio saw complete, from its completion log (`--write_lat_log
+/// --log_offset=1`: `time, latency, ddir, bs, offset, prio` per line).
+pub fn acked_offsets(path: &std::path::Path) -> HashSet<u64> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("fio completion log {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            (f.len() >= 5 && f[2] == "1").then(|| f[4].parse().unwrap())
+        })
+        .collect()
+}
+
+/// Block offsets fio reported as failing verification.
+pub fn bad_offsets(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("requested block: offset=")?.1;
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
