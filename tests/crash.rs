@@ -84,7 +84,7 @@ fn trial(n: usize, kill_after_writes: u64, fio_seed: u64) -> Option<Outcome> {
     }
     k.kill9();
     // In-flight writes fail when the server dies, so fio exits non-zero here (expected).
-    let w = w.finish_or_abandon(Duration::from_secs(10))?;
+    let w = w.finish_or_abandon(Duration::from_secs(3))?;
     let state = k.dir.join("local-crash-0-verify.state");
     assert!(
         state.exists(),

@@ -254,7 +254,7 @@ fn crash_trial(n: usize, delay_ms: u64, fio_seed: u64) -> Option<String> {
     };
     std::thread::sleep(Duration::from_millis(delay_ms));
     k.kill9();
-    let w = w.finish_or_abandon(Duration::from_secs(10))?;
+    let w = w.finish_or_abandon(Duration::from_secs(3))?;
     assert!(
         k.dir.join("local-hot-0-verify.state").exists(),
         "trial {n}: no verify state; {}",

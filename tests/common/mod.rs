@@ -611,23 +611,17 @@ pub fn spawn_fio(cwd: &Path, args: &[String]) -> FioChild {
 impl FioChild {
     /// After the server was killed: fio's nbd engine sometimes keeps polling a dead
     /// connection ("nothing to poll for in state DEAD") instead of failing the job. Give it
-    /// `grace` to exit by itself, then SIGINT it (fio still writes its verify state and
-    /// logs when interrupted) and collect the result as [`FioChild::finish`] does.
-    pub fn finish_after_server_death(self, grace: Duration) -> FioRun {
-        self.finish_or_abandon(grace).unwrap_or_else(|| {
-            panic!("fio hung after the server died and ignored SIGINT (fio nbd engine bug)")
-        })
-    }
-
-    /// As [`FioChild::finish_after_server_death`], but when fio ignores SIGINT too (its nbd
-    /// engine can spin on a DEAD connection forever), SIGKILL it and return None: the run
-    /// left no verify state, so the caller must not count it as a verified trial.
+    /// `grace` to exit, then SIGINT it (fio still writes its verify state and logs when
+    /// interrupted); when it ignores SIGINT too, SIGKILL it and return None: the run
+    /// left no verify state, so the caller must not count it as a verified trial. The waits
+    /// are short on purpose: a spinning fio writes its error line to stderr hundreds of MB
+    /// per second.
     pub fn finish_or_abandon(mut self, grace: Duration) -> Option<FioRun> {
         if wait_timeout(&mut self.child, grace).is_none() {
             eprintln!("fio still running {grace:?} after the server died: sending SIGINT");
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-            if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            if wait_timeout(&mut self.child, Duration::from_secs(2)).is_none() {
                 eprintln!("fio ignored SIGINT: killing it; this trial is inconclusive");
                 let _ = self.child.kill();
                 let _ = self.child.wait();
