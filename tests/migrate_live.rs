@@ -213,7 +213,6 @@ fn crash_trial(n: usize, delay_ms: u64, fio_seed: u64) -> Option<String> {
                 "--verify_state_save=1",
                 "--write_lat_log=acked",
                 "--log_offset=1",
-                "--rate_iops=4000",
                 &seed,
             ],
         ),

@@ -598,6 +598,9 @@ pub fn spawn_fio(cwd: &Path, args: &[String]) -> FioChild {
     let err = cwd.join(format!("fio-{n}.err"));
     let child = Command::new("fio")
         .arg("--output-format=json")
+        // Jobs as threads of one process, so killing fio kills its jobs too (a forked job
+        // process would outlive a SIGKILLed parent).
+        .arg("--thread")
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
