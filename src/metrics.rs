@@ -587,27 +587,13 @@ fn accept_loop(
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
-        let (ready, woken) = match crate::rpc::poll_two(&listener, &wake) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("metrics server poll failed: {e}");
-                return;
-            }
-        };
-        if woken || stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        if !ready {
-            continue;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::warn!("metrics server accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
+        let accepted = crate::rpc::next_connection(&listener, &wake, &stopping, "metrics", || {
+            listener.accept().map(|(s, _)| s)
+        });
+        let stream = match accepted {
+            crate::rpc::Accepted::Stop => return,
+            crate::rpc::Accepted::Retry => continue,
+            crate::rpc::Accepted::Stream(s) => s,
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_HTTP_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);

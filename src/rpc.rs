@@ -276,7 +276,49 @@ impl Drop for RpcServer {
 }
 
 /// Wait until `a` or `b` is readable. Returns `(a_ready, b_ready)`.
-pub(crate) fn poll_two(a: &impl AsRawFd, b: &impl AsRawFd) -> io::Result<(bool, bool)> {
+/// What [`next_connection`] found.
+pub(crate) enum Accepted<S> {
+    /// The server is stopping (or its poll failed): leave the accept loop.
+    Stop,
+    /// Nothing to accept after all (spurious wake-up or a transient error): poll again.
+    Retry,
+    Stream(S),
+}
+
+/// One step of an accept loop shared by the RPC and metrics servers: wait until the
+/// listener or the wake-up socket is readable, then accept one connection.
+pub(crate) fn next_connection<S>(
+    listener: &impl AsRawFd,
+    wake: &impl AsRawFd,
+    stopping: &AtomicBool,
+    what: &str,
+    accept: impl FnOnce() -> io::Result<S>,
+) -> Accepted<S> {
+    let (ready, woken) = match poll_two(listener, wake) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{what} server poll failed: {e}");
+            return Accepted::Stop;
+        }
+    };
+    if woken || stopping.load(Ordering::SeqCst) {
+        return Accepted::Stop;
+    }
+    if !ready {
+        return Accepted::Retry;
+    }
+    match accept() {
+        Ok(s) => Accepted::Stream(s),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Accepted::Retry,
+        Err(e) => {
+            tracing::warn!("{what} accept failed: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+            Accepted::Retry
+        }
+    }
+}
+
+fn poll_two(a: &impl AsRawFd, b: &impl AsRawFd) -> io::Result<(bool, bool)> {
     let mut fds = [
         libc::pollfd {
             fd: a.as_raw_fd(),
@@ -313,27 +355,12 @@ fn accept_loop(
     let active = Arc::new(AtomicUsize::new(0));
     let mut next_id = 0u64;
     loop {
-        let (ready, woken) = match poll_two(&listener, &wake) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("rpc server poll failed: {e}");
-                return;
-            }
-        };
-        if woken || stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        if !ready {
-            continue;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::warn!("rpc accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
+        let stream = match next_connection(&listener, &wake, &stopping, "rpc", || {
+            listener.accept().map(|(s, _)| s)
+        }) {
+            Accepted::Stop => return,
+            Accepted::Retry => continue,
+            Accepted::Stream(s) => s,
         };
         if stream.set_nonblocking(false).is_err() {
             continue;

@@ -362,24 +362,8 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// `kiln rpc METHOD PARAMS`; panics on failure.
     pub fn rpc(&self, method: &str, params: Option<&str>) -> Value {
-        let mut cmd = Command::new(KILN);
-        cmd.args(["rpc", method]);
-        if let Some(p) = params {
-            cmd.arg(p);
-        }
-        let out = cmd
-            .arg("-s")
-            .arg(&self.rpc_sock)
-            .arg("--timeout")
-            .arg("30")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kiln rpc {method} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("rpc output is JSON")
+        self.try_rpc(method, params)
+            .unwrap_or_else(|e| panic!("kiln rpc {method} failed: {e}"))
     }
 
     /// `kiln rpc METHOD PARAMS`: the result, or the client's error text (for calls that are
