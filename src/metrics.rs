@@ -22,6 +22,8 @@
 //! | `kiln_tier_io_bytes_total` | counter | `tier`, `op` |
 //! | `kiln_tier_capacity_bytes` | gauge | `tier` |
 //! | `kiln_tier_used_bytes` | gauge | `tier` |
+//! | `kiln_mirror_degraded` | gauge | `tier` (1 while a mirror leg is faulted or resyncing) |
+//! | `kiln_mirror_resync_done_bytes` | gauge | `tier` |
 //! | `kiln_volume_size_bytes` | gauge | `volume` |
 //! | `kiln_nbd_connections` | gauge | |
 //! | `kiln_info` | gauge (always 1) | `version` |
@@ -297,6 +299,8 @@ pub struct Metrics {
     tier_bytes: Family<TierOpLabels, Counter>,
     tier_capacity: Family<TierLabels, Gauge>,
     tier_used: Family<TierLabels, Gauge>,
+    mirror_degraded: Family<TierLabels, Gauge>,
+    mirror_resync_done: Family<TierLabels, Gauge>,
     volume_size: Family<VolumeLabels, Gauge>,
     nbd_connections: Gauge,
 }
@@ -328,6 +332,8 @@ impl Metrics {
         let tier_bytes = Family::<TierOpLabels, Counter>::default();
         let tier_capacity = Family::<TierLabels, Gauge>::default();
         let tier_used = Family::<TierLabels, Gauge>::default();
+        let mirror_degraded = Family::<TierLabels, Gauge>::default();
+        let mirror_resync_done = Family::<TierLabels, Gauge>::default();
         let volume_size = Family::<VolumeLabels, Gauge>::default();
         let nbd_connections = Gauge::default();
         let info = Family::<VersionLabels, Gauge>::default();
@@ -374,6 +380,17 @@ impl Metrics {
             Unit::Bytes,
             tier_used.clone(),
         );
+        r.register(
+            "kiln_mirror_degraded",
+            "1 while a mirror tier has a faulted or resyncing leg",
+            mirror_degraded.clone(),
+        );
+        r.register_with_unit(
+            "kiln_mirror_resync_done",
+            "Bytes resynced onto a mirror tier's new leg",
+            Unit::Bytes,
+            mirror_resync_done.clone(),
+        );
         r.register_with_unit(
             "kiln_volume_size",
             "Logical size of a volume",
@@ -397,6 +414,8 @@ impl Metrics {
             tier_bytes,
             tier_capacity,
             tier_used,
+            mirror_degraded,
+            mirror_resync_done,
             volume_size,
             nbd_connections,
         }
@@ -441,6 +460,17 @@ impl Metrics {
         self.tier_used
             .get_or_create(&l)
             .set(gauge_value(used_bytes));
+    }
+
+    /// Set the mirror health gauges of `tier`. Periodic, not per I/O.
+    pub fn set_mirror_health(&self, tier: &str, degraded: bool, resync_done_bytes: u64) {
+        let l = TierLabels {
+            tier: Name(tier.to_owned()),
+        };
+        self.mirror_degraded.get_or_create(&l).set(degraded as i64);
+        self.mirror_resync_done
+            .get_or_create(&l)
+            .set(gauge_value(resync_done_bytes));
     }
 
     /// Set `kiln_volume_size_bytes` for `volume`.

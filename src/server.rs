@@ -90,7 +90,8 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
             "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
             "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
             "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
-            "volume_get_heatmap"
+            "volume_get_heatmap", "bdev_mirror_get_status", "bdev_mirror_replace",
+            "bdev_error_inject"
         ])),
         "bdev_get_bdevs" => Ok(Value::Array(
             shared
@@ -98,14 +99,62 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .iter()
                 .map(|(tier, d)| {
                     let i = d.info();
+                    let mirror = d.as_mirror().map(|m| json!(m.status()));
                     json!({
                         "name": i.name, "product_name": i.product, "tier": tier,
                         "block_size": i.block_size, "num_blocks": i.num_blocks,
-                        "volatile_write_cache": i.volatile_write_cache,
+                        "volatile_write_cache": i.volatile_write_cache, "mirror": mirror,
                     })
                 })
                 .collect(),
         )),
+        "bdev_mirror_get_status" | "bdev_mirror_replace" => {
+            let tier = params
+                .get("tier")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| RpcError::invalid_params("missing string parameter 'tier'"))?;
+            let dev = shared
+                .tiers
+                .iter()
+                .find(|(t, _)| t == tier)
+                .map(|(_, d)| d.clone())
+                .ok_or_else(|| RpcError::invalid_params(format!("tier '{tier}' not found")))?;
+            let mirror = dev.as_mirror().ok_or_else(|| {
+                RpcError::invalid_params(format!("tier '{tier}' is not a mirror device"))
+            })?;
+            if method == "bdev_mirror_replace" {
+                let leg = params.get("leg").and_then(|v| v.as_u64()).ok_or_else(|| {
+                    RpcError::invalid_params("missing integer parameter 'leg' (0 or 1)")
+                })?;
+                let spec = params.get("spec").and_then(|v| v.as_str()).ok_or_else(|| {
+                    RpcError::invalid_params("missing string parameter 'spec' (the new leg)")
+                })?;
+                if let Some(rate) = params.get("resync_mib_s").and_then(|v| v.as_u64()) {
+                    mirror.set_resync_rate(rate);
+                }
+                let new = crate::bdev::open(spec)
+                    .map_err(|e| RpcError::invalid_params(format!("new leg: {e}")))?;
+                mirror
+                    .replace(leg as usize, new)
+                    .map_err(|e| RpcError::invalid_params(format!("tier '{tier}': {e}")))?;
+            }
+            Ok(json!(mirror.status()))
+        }
+        "bdev_error_inject" => {
+            let name = params
+                .get("name")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| RpcError::invalid_params("missing string parameter 'name'"))?;
+            let on = params.get("enable").and_then(|v| v.as_bool()).unwrap_or(true);
+            let touched = crate::bdev::error::set_enabled_matching(name, on);
+            tracing::warn!(?touched, enabled = on, "fault injection switched by RPC");
+            if touched.is_empty() {
+                return Err(RpcError::invalid_params(format!(
+                    "no error device has a name containing '{name}'"
+                )));
+            }
+            Ok(json!({"devices": touched, "enabled": on}))
+        }
         "volume_list" => Ok(Value::Array(
             shared
                 .volumes
@@ -564,6 +613,12 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                         u.capacity_bytes.load(Ordering::Relaxed),
                         u.used_bytes.load(Ordering::Relaxed),
                     );
+                }
+                for (t, d) in &s3.tiers {
+                    if let Some(m) = d.as_mirror() {
+                        let st = m.status();
+                        m2.set_mirror_health(t, st.degraded, st.resync_done_bytes);
+                    }
                 }
                 conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);
                 std::thread::sleep(Duration::from_millis(500));

@@ -68,6 +68,32 @@ impl ErrorDevice {
     }
 }
 
+/// Every `error` device opened by this process, so the control plane can
+/// switch injection on and off by name (`bdev_error_inject`).
+static REGISTRY: std::sync::Mutex<Vec<std::sync::Weak<ErrorDevice>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Records `dev` in the registry.
+pub fn register(dev: &Arc<ErrorDevice>) {
+    let mut r = REGISTRY.lock().unwrap();
+    r.retain(|w| w.strong_count() > 0);
+    r.push(Arc::downgrade(dev));
+}
+
+/// Switches injection on every registered device whose name contains `pattern`;
+/// returns the names it touched.
+pub fn set_enabled_matching(pattern: &str, on: bool) -> Vec<String> {
+    let r = REGISTRY.lock().unwrap();
+    r.iter()
+        .filter_map(|w| w.upgrade())
+        .filter(|d| d.info.name.contains(pattern))
+        .map(|d| {
+            d.set_enabled(on);
+            d.info.name.clone()
+        })
+        .collect()
+}
+
 impl BlockDevice for ErrorDevice {
     fn info(&self) -> &DeviceInfo {
         &self.info

@@ -8,12 +8,13 @@
 //! with its own `u64`, calls [`IoChannel::submit_pending`] once per poll, and
 //! reaps [`Completion`]s in batches.
 //!
-//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`.
+//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`, `mirror`.
 //! [`spec`] parses the device-spec grammar shared by the CLI, config and RPC.
 
 pub mod delay;
 pub mod error;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
 pub mod spec;
 pub mod uring;
@@ -250,6 +251,11 @@ pub trait BlockDevice: Send + Sync {
 
     /// Opens this reactor's queue on the device.
     fn open_channel(&self, opts: &ChannelOptions<'_>) -> Result<Box<dyn IoChannel>, DeviceError>;
+
+    /// The mirror behind this device, for its control plane (health, replace).
+    fn as_mirror(&self) -> Option<&mirror::MirrorDevice> {
+        None
+    }
 }
 
 /// One reactor's queue on a device. Not shared between threads.

@@ -6,8 +6,9 @@
 //! file:PATH[?size=SIZE][&direct=0|1][&sqpoll=0|1][&iopoll=0|1]
 //!                                         file or block device through io_uring
 //! delay:READ_US,WRITE_US,MIB_S:INNER      adds latency and a bandwidth cap (0 = no cap)
-//! error:RATE,SEED[,mode=eio|torn|corrupt][,lba=FIRST-LAST]:INNER
+//! error:RATE,SEED[,mode=eio|torn|corrupt][,lba=FIRST-LAST][,enabled=0|1]:INNER
 //!                                         injects faults with probability RATE
+//! mirror:SPEC_A|SPEC_B                    RAID-1 over two devices, failover and resync
 //! ```
 //! SIZE reads like `4GiB`, `512M` or `4096`. INNER is any spec, so wrappers nest.
 
@@ -55,7 +56,12 @@ pub enum DeviceSpec {
         seed: u64,
         mode: FaultMode,
         lba_range: Option<(u64, u64)>,
+        /// Whether injection starts switched on (`bdev_error_inject` flips it).
+        enabled: bool,
         inner: Box<DeviceSpec>,
+    },
+    Mirror {
+        legs: [Box<DeviceSpec>; 2],
     },
 }
 
@@ -81,7 +87,7 @@ impl DeviceSpec {
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 text,
-                "expected KIND:ARGS, where KIND is null, malloc, file, delay or error",
+                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error or mirror",
             )
         })?;
         match kind {
@@ -196,6 +202,7 @@ impl DeviceSpec {
                     .map_err(|_| bad(text, format!("SEED '{seed_text}' is not a number")))?;
                 let mut mode = FaultMode::Eio;
                 let mut lba_range = None;
+                let mut enabled = true;
                 for opt in parts {
                     let (key, value) = opt
                         .split_once('=')
@@ -229,10 +236,11 @@ impl DeviceSpec {
                             }
                             lba_range = Some((a, b));
                         }
+                        "enabled" => enabled = parse_bool(text, key, value)?,
                         _ => {
                             return Err(bad(
                                 text,
-                                format!("unknown error option '{key}' (mode, lba)"),
+                                format!("unknown error option '{key}' (mode, lba, enabled)"),
                             ))
                         }
                     }
@@ -242,12 +250,27 @@ impl DeviceSpec {
                     seed,
                     mode,
                     lba_range,
+                    enabled,
                     inner: Box::new(DeviceSpec::parse(inner)?),
+                })
+            }
+            "mirror" => {
+                let (a, b) = rest
+                    .split_once('|')
+                    .ok_or_else(|| bad(text, "mirror wants SPEC_A|SPEC_B"))?;
+                if b.contains('|') {
+                    return Err(bad(text, "mirror takes exactly two legs"));
+                }
+                Ok(DeviceSpec::Mirror {
+                    legs: [
+                        Box::new(DeviceSpec::parse(a)?),
+                        Box::new(DeviceSpec::parse(b)?),
+                    ],
                 })
             }
             _ => Err(bad(
                 text,
-                format!("unknown device kind '{kind}' (null, malloc, file, delay, error)"),
+                format!("unknown device kind '{kind}' (null, malloc, file, delay, error, mirror)"),
             )),
         }
     }
@@ -293,15 +316,27 @@ impl DeviceSpec {
                 seed,
                 mode,
                 lba_range,
+                enabled,
                 inner,
-            } => Arc::new(super::error::ErrorDevice::new(
+            } => {
+                let dev = Arc::new(super::error::ErrorDevice::new(
+                    name,
+                    inner.open()?,
+                    *rate,
+                    *seed,
+                    *mode,
+                    *lba_range,
+                ));
+                dev.set_enabled(*enabled);
+                super::error::register(&dev);
+                dev
+            }
+            DeviceSpec::Mirror { legs } => Arc::new(super::mirror::MirrorDevice::open(
                 name,
-                inner.open()?,
-                *rate,
-                *seed,
-                *mode,
-                *lba_range,
-            )),
+                legs[0].open()?,
+                legs[1].open()?,
+                super::mirror::DEFAULT_TIMEOUT,
+            )?),
         })
     }
 
@@ -335,6 +370,7 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Error {
                 rate, seed, inner, ..
             } => write!(f, "error:{rate},{seed}:{inner}"),
+            DeviceSpec::Mirror { legs } => write!(f, "mirror:{}|{}", legs[0], legs[1]),
         }
     }
 }
@@ -375,6 +411,8 @@ mod tests {
             }
         ));
         assert_eq!(e.to_string(), "error:0.01,7:malloc:64MiB");
+        let m = DeviceSpec::parse("mirror:malloc:8M|error:1,2,enabled=0:malloc:8M").unwrap();
+        assert_eq!(m.to_string(), "mirror:malloc:8MiB|error:1,2:malloc:8MiB");
     }
 
     #[test]
@@ -387,5 +425,8 @@ mod tests {
         assert!(msg("error:2,1:null:1G").contains("between 0 and 1"));
         assert!(msg("file:/x?color=red").contains("unknown file option 'color'"));
         assert!(msg("malloc:1000").contains("multiple of 4KiB"));
+        assert!(msg("mirror:malloc:8M").contains("SPEC_A|SPEC_B"));
+        assert!(msg("mirror:malloc:8M|malloc:8M|malloc:8M").contains("exactly two legs"));
+        assert!(msg("error:1,1,enabled=maybe:null:1G").contains("wants 0 or 1"));
     }
 }

@@ -102,15 +102,24 @@ impl MigrationStats {
     }
 }
 
-/// A token bucket in bytes.
-struct Bucket {
+/// A token bucket in bytes (also paces mirror resync).
+pub(crate) struct Bucket {
     rate_bytes_per_s: f64,
     tokens: f64,
     last_ns: u64,
 }
 
 impl Bucket {
-    fn take(&mut self, bytes: u64, rate_bytes_per_s: f64) {
+    pub(crate) fn new() -> Bucket {
+        Bucket {
+            rate_bytes_per_s: 1.0,
+            tokens: 0.0,
+            last_ns: now_ns(),
+        }
+    }
+
+    /// Blocks the calling (background) thread until `bytes` may go at `rate_bytes_per_s`.
+    pub(crate) fn take(&mut self, bytes: u64, rate_bytes_per_s: f64) {
         self.rate_bytes_per_s = rate_bytes_per_s.max(1.0);
         loop {
             let now = now_ns();
@@ -215,14 +224,7 @@ impl Migrator {
                     .map_err(|e| e.to_string())
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let buckets = tiers
-            .iter()
-            .map(|_| Bucket {
-                rate_bytes_per_s: 1.0,
-                tokens: 0.0,
-                last_ns: now_ns(),
-            })
-            .collect();
+        let buckets = tiers.iter().map(|_| Bucket::new()).collect();
         Ok(Migrator {
             volumes,
             tiers,

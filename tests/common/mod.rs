@@ -157,6 +157,8 @@ pub struct Opts {
     pub volume: &'static str,
     /// Extra TOML appended verbatim (e.g. a `[reactor]` override must then replace `reactor`).
     pub reactor: String,
+    /// The fast tier's device spec instead of a plain file; `{d}` is the test directory.
+    pub fast_device: Option<String>,
 }
 
 impl Default for Opts {
@@ -166,6 +168,7 @@ impl Default for Opts {
             capacity: "1GiB",
             volume: "512MiB",
             reactor: default_reactor(),
+            fast_device: None,
         }
     }
 }
@@ -242,11 +245,15 @@ impl Kiln {
         let tcp_port = free_port();
         let metrics_port = free_port();
         let d = dir.path.display().to_string();
+        let fast_device = match &opts.fast_device {
+            Some(spec) => spec.replace("{d}", &d),
+            None => format!("file:{d}/fast.img?size={}", opts.fast),
+        };
         let toml = format!(
             r#"# written by {test}
 [[tier]]
 name = "fast"
-device = "file:{d}/fast.img?size={fast}"
+device = "{fast_device}"
 capacity = "{fast}"
 cost_per_gib_month = 0.10
 read_latency_us = 100
