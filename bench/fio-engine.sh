@@ -66,6 +66,7 @@ for name, j, runs in rows:
     out.append(f"| `{name}` | {iops(j):,.0f} | {cpu_ns_per_io(j):,.0f} ns | {clat_us(j, '50.000000'):.2f} us | {clat_us(j, '99.000000'):.2f} us | {all_(runs)} |")
 out += ["",
         f"- kiln `null:` through the engine vs fio's own null engine: {ratio:.2f}x IOPS, CPU per I/O {cpu_ns_per_io(kn)/cpu_ns_per_io(fn):.2f}x (goal: at least 1.0x IOPS).",
+        "- clat differs by construction: fio's null engine runs at depth 1 whatever `--iodepth` says (it answers FIO_Q_BUSY until its one request is reaped; fio's `iodepth_level` shows 1=100%), while kiln keeps all 32 in flight (32=100%), so each request waits behind the queue (Little's law: 32 / IOPS). Compare IOPS and CPU per I/O.",
         f"- kiln `malloc:` (one 4 KiB copy from kiln RAM into fio's buffer, which is kiln DMA memory, per read; the RAM disk is filled by a sequential-write job first in the same fio process): {iops(km)/iops(fn):.2f}x fio null.",
         ""]
 text = "\n".join(out)

@@ -11,9 +11,11 @@ fn main() {
     println!("cargo:rerun-if-changed=kiln.h");
     println!("cargo:rerun-if-env-changed=KILN_FIO_SRC");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    // A relative KILN_FIO_SRC is relative to the repository root, as in ci/fio-headers.sh.
+    let root = manifest.join("..");
     let fio_src = match std::env::var_os("KILN_FIO_SRC") {
-        Some(dir) => PathBuf::from(dir),
-        None => manifest.join("../target/fio-src"),
+        Some(dir) => root.join(dir),
+        None => root.join("target/fio-src"),
     };
     let config = fio_src.join("config-host.h");
     println!("cargo:rerun-if-changed={}", config.display());

@@ -423,3 +423,109 @@ pub unsafe extern "C" fn kiln_channel_close(chan: *mut KilnChannel) -> u32 {
     }
     left
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(spec: &str) -> *mut KilnDevice {
+        let spec = std::ffi::CString::new(spec).unwrap();
+        let mut err = [0 as c_char; 256];
+        let dev = kiln_device_open(spec.as_ptr(), err.as_mut_ptr(), err.len());
+        if dev.is_null() {
+            // SAFETY: kiln_device_open NUL-terminated its message in `err`.
+            panic!("{:?}", unsafe { CStr::from_ptr(err.as_ptr()) });
+        }
+        dev
+    }
+
+    /// Submits, rings and polls until the one completion arrives.
+    unsafe fn io(ch: *mut KilnChannel, op: u32, offset: u64, buf: *mut u8, len: u32) -> i32 {
+        // SAFETY: passed through from the caller.
+        let rc = unsafe { kiln_channel_submit(ch, op, offset, len, buf, 7) };
+        assert_eq!(rc, 0);
+        let mut out = [Completion::default(); 4];
+        loop {
+            // SAFETY: as above; `out` holds 4 completions.
+            unsafe { kiln_channel_submit_pending(ch) };
+            // SAFETY: as above.
+            if unsafe { kiln_channel_poll(ch, out.as_mut_ptr(), 4) } == 1 {
+                assert_eq!(out[0].tag, 7);
+                return out[0].result;
+            }
+        }
+    }
+
+    #[test]
+    fn one_spec_is_one_device_and_buffers_come_from_the_dma_region() {
+        let (a, b) = (open("malloc:1MiB"), open("malloc:1MiB"));
+        // SAFETY: live handles; every buffer below lies inside the DMA region, which
+        // outlives the I/O (each call waits for its completion).
+        unsafe {
+            assert_eq!(kiln_device_size_bytes(a), 1 << 20);
+            let dma = kiln_dma_create(3 * 8192, 8192, std::ptr::null_mut(), 0);
+            assert!(!dma.is_null());
+            let mut len = 0;
+            let base = kiln_dma_base(dma, &mut len);
+            assert!(len >= 3 * 8192 && base as usize % 4096 == 0);
+            let (ca, cb) = (
+                kiln_channel_open(a, dma, 4, std::ptr::null_mut(), 0),
+                kiln_channel_open(b, dma, 4, std::ptr::null_mut(), 0),
+            );
+            assert!(!ca.is_null() && !cb.is_null());
+            // The region stays mapped while channels use it.
+            kiln_dma_destroy(dma);
+            std::ptr::write_bytes(base, 0xa5, 8192);
+            assert_eq!(io(ca, KILN_OP_WRITE, 4096, base, 8192), 0);
+            let back = base.add(8192);
+            assert_eq!(io(cb, KILN_OP_READ, 4096, back, 8192), 0);
+            assert!(std::slice::from_raw_parts(back, 8192)
+                .iter()
+                .all(|&x| x == 0xa5));
+            assert_eq!(io(cb, KILN_OP_FLUSH, 0, std::ptr::null_mut(), 0), 0);
+            assert_eq!(io(cb, KILN_OP_TRIM, 4096, std::ptr::null_mut(), 4096), 0);
+            assert_eq!(
+                kiln_channel_submit(ca, KILN_OP_READ, 1 << 20, 4096, base, 1),
+                -libc::EINVAL,
+                "past the end"
+            );
+            assert_eq!(kiln_channel_submit(ca, 99, 0, 0, base, 1), -libc::EINVAL);
+            assert_eq!(kiln_channel_close(ca), 0);
+            assert_eq!(kiln_channel_close(cb), 0);
+            kiln_device_close(a);
+            kiln_device_close(b);
+        }
+    }
+
+    #[test]
+    fn a_full_queue_is_eagain_and_bad_specs_say_why() {
+        let dev = open("null:1MiB");
+        // SAFETY: a live handle; null-device requests carry no buffer.
+        unsafe {
+            let ch = kiln_channel_open(dev, std::ptr::null(), 2, std::ptr::null_mut(), 0);
+            let mut buf = [0u8; 512];
+            for tag in 0..2 {
+                assert_eq!(
+                    kiln_channel_submit(ch, KILN_OP_READ, 0, 512, buf.as_mut_ptr(), tag),
+                    0
+                );
+            }
+            assert_eq!(
+                kiln_channel_submit(ch, KILN_OP_READ, 0, 512, buf.as_mut_ptr(), 2),
+                -libc::EAGAIN
+            );
+            assert_eq!(kiln_channel_inflight(ch), 2);
+            assert_eq!(kiln_channel_close(ch), 0, "close drains what is in flight");
+            kiln_device_close(dev);
+        }
+        assert!(!kiln_spec_valid(c"malloc".as_ptr()));
+        assert!(kiln_spec_valid(c"malloc:256M".as_ptr()));
+        let mut err = [0 as c_char; 64];
+        let dev = kiln_device_open(c"malloc:12345".as_ptr(), err.as_mut_ptr(), err.len());
+        assert!(dev.is_null());
+        // SAFETY: kiln_device_open NUL-terminated the (truncated) message.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_str().unwrap();
+        assert!(msg.starts_with("bad device spec: 'malloc:12345'"), "{msg}");
+        assert_eq!(msg.len(), 63, "truncated to the buffer");
+    }
+}
