@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dma;
+pub mod ffi;
 pub mod frame;
 pub mod heat;
 pub mod heatmap;

@@ -115,7 +115,9 @@ impl IoRequest {
 }
 
 /// The result of one request: `result` is 0 on success or a negative errno.
+/// `repr(C)`: the C ABI (`crate::ffi`) polls completions straight into C arrays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C)]
 pub struct Completion {
     pub tag: u64,
     pub result: i32,

@@ -46,14 +46,21 @@ fn on_path(tool: &str) -> bool {
 /// Returns true if `tool` is on PATH. If not: panics under `CI=true`, otherwise prints a loud
 /// `SKIPPED: <test> needs <tool>` line to stderr and returns false (the test should return).
 pub fn require_tool(tool: &str) -> bool {
-    if on_path(tool) {
+    require(on_path(tool), tool, "which is not on PATH")
+}
+
+/// `require_tool` for anything else a test needs (a built library, prepared headers):
+/// true if `present`; otherwise panics under `CI=true`, or prints a loud
+/// `SKIPPED: <test> needs <what>` line (with `why`) and returns false.
+pub fn require(present: bool, what: &str, why: &str) -> bool {
+    if present {
         return true;
     }
     let test = test_name();
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{test} needs {tool}, which is not on PATH (CI=true: missing tools are failures)");
+        panic!("{test} needs {what}, {why} (CI=true: missing tools are failures)");
     }
-    eprintln!("\n**********\nSKIPPED: {test} needs {tool}\n**********\n");
+    eprintln!("\n**********\nSKIPPED: {test} needs {what}, {why}\n**********\n");
     false
 }
 
@@ -583,15 +590,24 @@ pub struct FioChild {
 /// Starts `fio --output-format=json ARGS` with `cwd` as working directory (state files land
 /// there).
 pub fn spawn_fio(cwd: &Path, args: &[String]) -> FioChild {
+    // Jobs as threads of one process, so killing fio kills its jobs too (a forked job
+    // process would outlive a SIGKILLed parent).
+    spawn_fio_mode(cwd, args, true)
+}
+
+/// Runs fio to completion with each job in its own process (fio's default; no `--thread`).
+pub fn fio_processes(cwd: &Path, args: &[String], limit: Duration) -> FioRun {
+    spawn_fio_mode(cwd, args, false).finish(limit)
+}
+
+fn spawn_fio_mode(cwd: &Path, args: &[String], threads: bool) -> FioChild {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let out = cwd.join(format!("fio-{n}.out"));
     let err = cwd.join(format!("fio-{n}.err"));
     let child = Command::new("fio")
         .arg("--output-format=json")
-        // Jobs as threads of one process, so killing fio kills its jobs too (a forked job
-        // process would outlive a SIGKILLed parent).
-        .arg("--thread")
+        .args(threads.then_some("--thread"))
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
