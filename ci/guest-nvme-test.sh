@@ -10,7 +10,7 @@
 #   ci/guest-nvme-test.sh [--payload DIR] [--require-payload]
 #
 # The payload contract is in ci/lab/README.md. Environment: LAB_DIR,
-# NVME_IMG_MIB (default 1024), HUGEPAGES (2 MiB pages, default 128),
+# NVME_IMG_MIB (default 1024), HUGEPAGES (2 MiB pages, default 64),
 # LAB_TIMEOUT_S (default 600).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +45,7 @@ truncate -s 256M "$work/ns2.img"
 
 rc=0
 ci/lab/run-guest.sh --iommu --nvme "$work/ns1.img" --nvme-ns "$work/ns2.img" \
-  --mem 1536 --hugepages "${HUGEPAGES:-128}" --timeout "${LAB_TIMEOUT_S:-600}" \
+  --mem 1536 --hugepages "${HUGEPAGES:-64}" --timeout "${LAB_TIMEOUT_S:-600}" \
   ci/lab/guest-nvme.sh "${payload:-$work/empty-payload}" || rc=$?
 if [ $rc -eq 0 ]; then echo "== nvme lab: PASSED"; else echo "== nvme lab: FAILED ($rc)"; fi
 exit $rc

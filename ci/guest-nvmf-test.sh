@@ -9,6 +9,7 @@
 #
 #   ci/guest-nvmf-test.sh               # against kiln (builds it if needed)
 #   ci/guest-nvmf-test.sh --reference   # against Linux's nvmet inside the guest
+#   ci/guest-nvmf-test.sh --check       # only `kiln serve --check` the config
 #
 # Environment: NVMF_PORT (default 4420), LAB_DIR, KILN_BIN (default
 # target/release/kiln), LAB_TIMEOUT_S (default 600), DIGEST_RUNS
@@ -18,10 +19,12 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 reference=0
+check_only=0
 case ${1:-} in
   --reference) reference=1 ;;
+  --check) check_only=1 ;;
   "") ;;
-  *) echo "usage: $0 [--reference]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--reference | --check]" >&2; exit 2 ;;
 esac
 
 port=${NVMF_PORT:-4420}
@@ -35,7 +38,7 @@ hostid=2b1c1f42-7a6e-4b0e-9a53-6c6b1e6a0001
 denied_hostnqn=nqn.2026-01.dev.kiln:lab-intruder
 denied_hostid=2b1c1f42-7a6e-4b0e-9a53-6c6b1e6a0002
 
-ci/lab/prepare.sh
+[ $check_only -eq 1 ] || ci/lab/prepare.sh
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-nvmf-lab.XXXXXX")
 kiln_pid=""
@@ -63,6 +66,10 @@ else
     -e "s|@MODEL@|$model|g" -e "s|@SERIAL@|$serial|g" -e "s|@HOSTNQN@|$hostnqn|g" \
     -e "s|@NS_SIZE@|${ns_size_mib}MiB|g" -e "s|@TIER_SIZE@|$((ns_size_mib + 256))MiB|g" \
     ci/lab/kiln-nvmf.toml >"$work/kiln.toml"
+  if [ $check_only -eq 1 ]; then
+    "$kiln" serve --check --config "$work/kiln.toml"
+    exit
+  fi
   echo "== kiln serve on 127.0.0.1:$port"
   "$kiln" serve --config "$work/kiln.toml" >"$work/kiln.log" 2>&1 &
   kiln_pid=$!

@@ -23,17 +23,15 @@ lab_step() {
   return $_rc
 }
 
-# lab_modprobe NAME [PARAM=VALUE...]: insmod a module prepared by prepare.sh
-# (no-op when loaded or built in).
+# lab_modprobe NAME [PARAM=VALUE...]: loads a module the initramfs carries,
+# with its dependencies (no-op when loaded or built in).
 lab_modprobe() {
   _m=$(echo "$1" | tr - _)
   shift
   [ -d "/sys/module/$_m" ] && return 0
-  for _ko in "/lab/modules/$_m.ko" "/lab/modules/$(echo "$_m" | tr _ -).ko"; do
-    [ -f "$_ko" ] && { insmod "$_ko" "$@"; return $?; }
-  done
-  lab_log "module $_m not in the initramfs"
-  return 1
+  grep -Eq "/${_m}\.ko\$|/$(echo "$_m" | tr _ -)\.ko\$" "/lib/modules/$(uname -r)/modules.builtin" &&
+    return 0
+  modprobe "$_m" "$@"
 }
 
 # lab_wait_for PATH [SECONDS]: polls (100 ms) until PATH exists; fails after
@@ -66,6 +64,7 @@ lab_unbind() {
 
 # lab_bind_vfio BDF: hands the function to vfio-pci; /dev/vfio/GROUP appears.
 lab_bind_vfio() {
+  lab_modprobe vfio_iommu_type1 || return 1
   lab_modprobe vfio_pci || return 1
   lab_unbind "$1"
   echo vfio-pci >"/sys/bus/pci/devices/$1/driver_override"

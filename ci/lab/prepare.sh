@@ -39,9 +39,11 @@ if [ -f "$lab_dir/ready" ] && [ "$(cat "$lab_dir/ready")" = "$(stamp_now)" ]; th
 fi
 rm -f "$lab_dir/ready"
 
-installed() {
-  [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = installed ]
-}
+# Packages installed on the host, read once (dpkg-query per package is slow).
+declare -A host_installed=()
+while read -r pkg status; do
+  [ "$status" = installed ] && host_installed[${pkg%%:*}]=1
+done < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n')
 
 # The package lists are needed for apt-cache and apt-get download.
 if ! apt-cache show qemu-system-x86 >/dev/null 2>&1; then
@@ -49,19 +51,17 @@ if ! apt-cache show qemu-system-x86 >/dev/null 2>&1; then
   apt-get update -qq
 fi
 
-# Library dependencies of the given packages that the host lacks, recursively.
-# Only lib* packages are followed: the lab needs shared objects, not tools.
+# The given packages plus their library dependencies that the host lacks,
+# recursively; one apt-cache call per level. Only lib* packages are followed:
+# the lab needs shared objects, not tools.
 missing_closure() {
-  local -a queue=("$@")
   local -A seen=()
-  local pkg line dep
+  local -a level=("$@") next
+  local pkg line alt chosen
   local -a group
-  while [ ${#queue[@]} -gt 0 ]; do
-    pkg=${queue[0]}
-    queue=("${queue[@]:1}")
-    [ -n "${seen[$pkg]:-}" ] && continue
-    seen[$pkg]=1
-    echo "$pkg"
+  while [ ${#level[@]} -gt 0 ]; do
+    for pkg in "${level[@]}"; do seen[$pkg]=1; echo "$pkg"; done
+    next=()
     group=()
     while IFS= read -r line; do
       # "|Depends: a" means "a or the next line"; collect the alternatives.
@@ -70,23 +70,23 @@ missing_closure() {
         *Depends:*) group+=("${line##*: }") ;;
         *) continue ;;
       esac
-      local chosen="" alt
+      chosen=""
       for alt in "${group[@]}"; do
         case $alt in '<'*) continue ;; esac
-        if installed "$alt"; then chosen=""; break; fi
+        if [ -n "${host_installed[$alt]:-}" ]; then chosen=""; break; fi
         [ -z "$chosen" ] && chosen=$alt
       done
       group=()
-      dep=$chosen
-      case $dep in lib*) ;; *) continue ;; esac
-      [ -z "${seen[$dep]:-}" ] && queue+=("$dep")
+      case $chosen in lib*) ;; *) continue ;; esac
+      [ -z "${seen[$chosen]:-}" ] && { seen[$chosen]=1; next+=("$chosen"); }
     done < <(apt-cache depends --no-recommends --no-suggests --no-conflicts \
-      --no-breaks --no-replaces --no-enhances "$pkg" 2>/dev/null)
+      --no-breaks --no-replaces --no-enhances "${level[@]}" 2>/dev/null)
+    level=(${next[@]+"${next[@]}"})
   done
 }
 
-# Download PKG unless a .deb of it is cached, then extract it into root/.
-fetch_extract() {
+# The cached .deb of PKG, downloaded when missing.
+deb_of() {
   local pkg=$1 deb
   deb=$(find "$debs_dir" -maxdepth 1 -name "${pkg}_*.deb" | head -n1)
   if [ -z "$deb" ]; then
@@ -95,12 +95,10 @@ fetch_extract() {
     deb=$(find "$debs_dir" -maxdepth 1 -name "${pkg}_*.deb" | head -n1)
     [ -n "$deb" ] || die "apt-get download $pkg left no .deb in $debs_dir"
   fi
-  dpkg-deb -x "$deb" "$root_dir"
+  echo "$deb"
 }
 
 mkdir -p "$debs_dir"
-rm -rf "$root_dir"
-mkdir -p "$root_dir"
 
 # The kernel: the cloud meta-package names the versioned image package.
 kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ { print $2; exit }')
@@ -110,10 +108,21 @@ mapfile -t packages < <(
   missing_closure "${host_packages[@]}" "${guest_packages[@]}" | sort -u
 )
 packages+=("$kernel_pkg")
-log "extracting ${#packages[@]} packages into $root_dir"
+debs=()
 for pkg in "${packages[@]}"; do
-  fetch_extract "$pkg"
+  debs+=("$(deb_of "$pkg")")
 done
+# Extract again only when the set of .debs changed.
+extracted_key=$(printf '%s\n' "${debs[@]}" | LC_ALL=C sort | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$root_dir/.extracted" 2>/dev/null || true)" != "$extracted_key" ]; then
+  log "extracting ${#debs[@]} packages into $root_dir"
+  rm -rf "$root_dir"
+  mkdir -p "$root_dir"
+  for deb in "${debs[@]}"; do
+    dpkg-deb -x "$deb" "$root_dir"
+  done
+  echo "$extracted_key" >"$root_dir/.extracted"
+fi
 
 lib_path=$root_dir/usr/lib/x86_64-linux-gnu:$root_dir/lib/x86_64-linux-gnu
 
@@ -161,7 +170,7 @@ LD_LIBRARY_PATH=$lib_path bash -c 'exec -a depmod "$0" -b "$1" "$2"' \
 # Build the initramfs tree.
 initrd_dir=$lab_dir/initrd
 rm -rf "$initrd_dir"
-mkdir -p "$initrd_dir"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,etc/nvme,lab/modules}
+mkdir -p "$initrd_dir"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,etc/nvme,lab}
 mkdir -p "$initrd_dir"/{proc,sys,dev,tmp,run,mnt,payload}
 cp "$root_dir/bin/busybox" "$initrd_dir/bin/busybox"
 for applet in $("$initrd_dir/bin/busybox" --list-full); do
@@ -221,19 +230,29 @@ for wanted in "${modules_wanted[@]}"; do
     log "optional module $name not available"
   fi
 done
-: >"$initrd_dir/lab/modules.list"
+# The modules keep their paths under /lib/modules/VERSION, with modules.dep
+# and modules.alias cut down to them, so busybox modprobe (and the kernel's
+# request_module) load them with their dependencies.
+guest_modules_dir=$initrd_dir/lib/modules/$kernel_version
+mkdir -p "$guest_modules_dir"
+declare -A module_kept=()
 for rel in "${module_order[@]}"; do
-  name=$(basename "$rel")
-  case $name in
-    *.ko) cp "$modules_dir/$rel" "$initrd_dir/lab/modules/" ;;
-    *.ko.xz) xz -dc "$modules_dir/$rel" >"$initrd_dir/lab/modules/${name%.xz}" ;;
-    *.ko.zst) zstd -qdc "$modules_dir/$rel" >"$initrd_dir/lab/modules/${name%.zst}" ;;
-    *) die "unknown module format $name" ;;
+  mkdir -p "$guest_modules_dir/$(dirname "$rel")"
+  case $rel in
+    *.ko) cp "$modules_dir/$rel" "$guest_modules_dir/$rel" ;;
+    *) die "compressed module $rel: teach prepare.sh to unpack it" ;;
   esac
-  name=${name%.xz}
-  echo "${name%.zst}" >>"$initrd_dir/lab/modules.list"
+  name=$(basename "$rel" .ko)
+  module_kept[${name//-/_}]=1
 done
-log "modules: $(tr '\n' ' ' <"$initrd_dir/lab/modules.list")"
+for rel in "${module_order[@]}"; do
+  grep "^$rel:" "$modules_dir/modules.dep"
+done >"$guest_modules_dir/modules.dep"
+while read -r _ alias module; do
+  [ -n "${module_kept[${module//-/_}]:-}" ] && echo "alias $alias $module"
+done < <(grep '^alias ' "$modules_dir/modules.alias") >"$guest_modules_dir/modules.alias" || true
+cp "$modules_dir/modules.builtin" "$guest_modules_dir/"
+log "modules: $(for rel in "${module_order[@]}"; do basename "$rel" .ko; done | tr '\n' ' ')"
 
 # The cpio (newc, uncompressed: TCG decompresses slowly), padded to 512 bytes.
 cpio_bin=$root_dir/bin/cpio

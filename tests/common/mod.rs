@@ -46,15 +46,34 @@ fn on_path(tool: &str) -> bool {
 /// Returns true if `tool` is on PATH. If not: panics under `CI=true`, otherwise prints a loud
 /// `SKIPPED: <test> needs <tool>` line to stderr and returns false (the test should return).
 pub fn require_tool(tool: &str) -> bool {
-    if on_path(tool) {
-        return true;
-    }
+    on_path(tool) || missing(tool, "which is not on PATH")
+}
+
+/// A missing prerequisite: panics under `CI=true`, otherwise prints a loud SKIPPED line and
+/// returns false.
+fn missing(what: &str, why: &str) -> bool {
     let test = test_name();
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{test} needs {tool}, which is not on PATH (CI=true: missing tools are failures)");
+        panic!("{test} needs {what}, {why} (CI=true: missing tools are failures)");
     }
-    eprintln!("\n**********\nSKIPPED: {test} needs {tool}\n**********\n");
+    eprintln!("\n**********\nSKIPPED: {test} needs {what} ({why})\n**********\n");
     false
+}
+
+/// The QEMU guest lab's directory (`LAB_DIR`, default `target/lab`) if `ci/lab/prepare.sh` has
+/// prepared it; otherwise `None` after [`require_tool`]'s treatment (panic under `CI=true`,
+/// SKIPPED line elsewhere).
+pub fn require_lab() -> Option<PathBuf> {
+    let dir = match std::env::var_os("LAB_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lab"),
+    };
+    if dir.join("ready").is_file() {
+        return Some(dir);
+    }
+    let why = format!("{} is not prepared: run ci/lab/prepare.sh", dir.display());
+    missing("the QEMU guest lab", &why);
+    None
 }
 
 /// Checks several tools; false (after printing SKIPPED lines) if any is missing.
