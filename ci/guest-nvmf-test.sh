@@ -42,6 +42,7 @@ denied_hostid=2b1c1f42-7a6e-4b0e-9a53-6c6b1e6a0002
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-nvmf-lab.XXXXXX")
 kiln_pid=""
+# shellcheck disable=SC2317 # called by the trap
 cleanup() {
   if [ -n "$kiln_pid" ]; then
     kill -TERM "$kiln_pid" 2>/dev/null || true

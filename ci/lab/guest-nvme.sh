@@ -6,6 +6,7 @@
 # payload's guest-run.sh, rebinds it to the kernel nvme driver, reads the
 # pattern back and runs the payload's guest-verify.sh. Exits 0 only when every
 # step passed.
+# shellcheck source=ci/lab/lib.sh
 . /lab/lib.sh
 
 fail() {
@@ -25,7 +26,7 @@ find_controller() {
   [ -d "/sys/kernel/iommu_groups/$(lab_iommu_group "$bdf")" ] ||
     { echo "$bdf has no IOMMU group (is the virtual IOMMU on?)"; return 1; }
   lab_wait_for "/sys/bus/pci/devices/$bdf/nvme" || return 1
-  ctrl=$(ls "/sys/bus/pci/devices/$bdf/nvme" | head -n1)
+  ctrl=$(lab_nvme_ctrl "$bdf") || return 1
   lab_wait_for "/dev/${ctrl}n1" || return 1
   lab_wait_for "/dev/ng${ctrl#nvme}n1" || return 1
   ns_bytes=$(($(cat "/sys/block/${ctrl}n1/size") * 512))
@@ -64,7 +65,7 @@ payload_run() {
 
 bind_kernel() {
   lab_bind_kernel "$bdf" || return 1
-  ctrl=$(ls "/sys/bus/pci/devices/$bdf/nvme" | head -n1)
+  ctrl=$(lab_nvme_ctrl "$bdf") || return 1
   echo "$bdf back on the nvme driver: /dev/${ctrl}n1"
 }
 

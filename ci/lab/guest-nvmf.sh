@@ -8,6 +8,8 @@
 # SERIAL NS_SIZE_BYTES HOSTNQN HOSTID DENIED_HOSTNQN DENIED_HOSTID
 # FIO_SIZE_MIB FIO_WRITTEN_MIB_MIN DIGEST_RUNS ("plain digests" by default)
 # REFERENCE. Prints one LAB-STEP line per step; exits 0 only when all passed.
+# shellcheck disable=SC2153 # the upper-case variables come from the environment
+# shellcheck source=ci/lab/lib.sh
 . /lab/lib.sh
 
 fail() {

@@ -53,6 +53,14 @@ lab_nvme_bdf() {
   return 1
 }
 
+# The kernel's controller (nvmeN) for the PCI function BDF.
+lab_nvme_ctrl() {
+  for _c in "/sys/bus/pci/devices/$1/nvme/"nvme*; do
+    [ -e "$_c" ] && { basename "$_c"; return 0; }
+  done
+  return 1
+}
+
 lab_iommu_group() { basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group")"; }
 
 # lab_unbind BDF: detaches whatever driver holds the function.
@@ -87,6 +95,6 @@ lab_bind_kernel() {
     return 1
   }
   lab_wait_for "/sys/bus/pci/devices/$1/nvme" || return 1
-  _ctrl=$(ls "/sys/bus/pci/devices/$1/nvme" | head -n1)
+  _ctrl=$(lab_nvme_ctrl "$1") || return 1
   lab_wait_for "/dev/${_ctrl}n1"
 }

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2054 # QEMU option values contain commas
 # Boot the lab guest with a test script and a payload (ci/lab/README.md).
 #
 #   ci/lab/run-guest.sh [--iommu] [--nvme IMG [--nvme-ns IMG]...] [--mem MIB]
@@ -12,7 +13,7 @@ set -euo pipefail
 lab_dir=${LAB_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target/lab}
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '3,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ $# -ge 1 ] && [ $# -le 2 ] || usage
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then usage; fi
 script=$1
 payload=${2:-}
 [ -f "$script" ] || { echo "run-guest: no script $script" >&2; exit 2; }
@@ -54,8 +55,9 @@ payload=${2:-}
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-lab.XXXXXX")
 qemu_pid=""
+# shellcheck disable=SC2317 # called by the trap
 cleanup() {
-  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null || true
+  if [ -n "$qemu_pid" ]; then kill "$qemu_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
