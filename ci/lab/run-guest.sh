@@ -103,6 +103,8 @@ fi
 [ -z "$append" ] || cmdline+=" $append"
 args+=(-append "$cmdline")
 
+# The log exists before tail follows it (the redirection below runs in the child).
+: >"$log_file"
 t0=$(date +%s.%N)
 timeout -k 5 "$timeout_s" "$lab_dir/qemu" "${args[@]}" </dev/null >"$log_file" 2>&1 &
 qemu_pid=$!
@@ -114,7 +116,8 @@ qemu_pid=""
 wait "$tail_pid" 2>/dev/null || true
 elapsed=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
-marker=$(tr -d '\r' <"$log_file" | sed -n 's/^KILN-GUEST-EXIT=\([0-9]*\).*/\1/p' | tail -n1)
+# The last marker; kernel messages may share its line.
+marker=$(tr -d '\r' <"$log_file" | sed -n 's/.*KILN-GUEST-EXIT=\([0-9][0-9]*\).*/\1/p' | tail -n1)
 if [ $qemu_rc -eq 124 ] || [ $qemu_rc -eq 137 ]; then
   echo "run-guest: guest ran past ${timeout_s}s" >&2
   exit 124
