@@ -13,7 +13,8 @@
 #
 # Environment: NVMF_PORT (default 4420), LAB_DIR, KILN_BIN (default
 # target/release/kiln), LAB_TIMEOUT_S (default 600), DIGEST_RUNS
-# ("plain digests"), FIO_SIZE_MIB (512).
+# ("plain digests"), FIO_SIZE_MIB (512), FIO_DIGESTS_SIZE_MIB (FIO_SIZE_MIB):
+# the verify runs' sizes without and with digests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -97,7 +98,8 @@ ci/lab/run-guest.sh --mem "$mem_mib" --timeout "${LAB_TIMEOUT_S:-600}" \
   --env NS_SIZE_BYTES=$((ns_size_mib * 1048576)) \
   --env HOSTNQN=$hostnqn --env HOSTID=$hostid \
   --env DENIED_HOSTNQN=$denied_hostnqn --env DENIED_HOSTID=$denied_hostid \
-  --env FIO_SIZE_MIB="$fio_size_mib" --env FIO_WRITTEN_MIB_MIN=$((fio_size_mib / 2)) \
+  --env FIO_SIZE_MIB="$fio_size_mib" \
+  --env FIO_DIGESTS_SIZE_MIB="${FIO_DIGESTS_SIZE_MIB:-$fio_size_mib}" \
   --env DIGEST_RUNS="${DIGEST_RUNS:-plain digests}" \
   ci/lab/guest-nvmf.sh || rc=$?
 if [ $rc -ne 0 ] && [ -n "$kiln_pid" ]; then

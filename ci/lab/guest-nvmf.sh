@@ -6,8 +6,8 @@
 #
 # Environment (from run-guest.sh --env): TARGET_ADDR TARGET_PORT SUBNQN MODEL
 # SERIAL NS_SIZE_BYTES HOSTNQN HOSTID DENIED_HOSTNQN DENIED_HOSTID
-# FIO_SIZE_MIB FIO_WRITTEN_MIB_MIN DIGEST_RUNS ("plain digests" by default)
-# REFERENCE. Prints one LAB-STEP line per step; exits 0 only when all passed.
+# FIO_SIZE_MIB FIO_DIGESTS_SIZE_MIB (default FIO_SIZE_MIB) DIGEST_RUNS
+# ("plain digests" by default) REFERENCE. Prints one LAB-STEP line per step; exits 0 only when all passed.
 # shellcheck disable=SC2153 # the upper-case variables come from the environment
 # shellcheck source=ci/lab/lib.sh
 . /lab/lib.sh
@@ -19,7 +19,7 @@ fail() {
 }
 need() { eval "[ -n \"\${$1:-}\" ]" || fail "environment variable $1 is not set"; }
 for v in TARGET_ADDR TARGET_PORT SUBNQN MODEL NS_SIZE_BYTES HOSTNQN HOSTID \
-  DENIED_HOSTNQN DENIED_HOSTID FIO_SIZE_MIB FIO_WRITTEN_MIB_MIN; do
+  DENIED_HOSTNQN DENIED_HOSTID FIO_SIZE_MIB; do
   need "$v"
 done
 DIGEST_RUNS=${DIGEST_RUNS:-plain digests}
@@ -96,11 +96,13 @@ check_id_ctrl() {
   echo "$out" | grep -q "^mn *: $MODEL *\$" || { echo "id-ctrl mn is not $MODEL"; return 1; }
 }
 
-# fio randrw with crc32c verify; at least FIO_WRITTEN_MIB_MIN MiB written.
+# fio_verify SIZE_MIB: randrw (60% writes) over the first SIZE_MIB MiB with
+# crc32c verify; at least half of SIZE_MIB written.
 fio_verify() {
+  size_mib=$1
   out=$(fio --name=kiln-lab --filename="$dev" --ioengine=libaio --direct=1 \
     --rw=randrw --rwmixwrite=60 --bsrange=4k-64k --iodepth=16 \
-    --size="${FIO_SIZE_MIB}M" --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --size="${size_mib}M" --verify=crc32c --do_verify=1 --verify_fatal=1 \
     --output-format=terse 2>&1)
   rc=$?
   terse=$(echo "$out" | grep '^3;fio-')
@@ -111,8 +113,8 @@ fio_verify() {
   write_kib=$(echo "$terse" | cut -d';' -f47)
   echo "fio: error=$err read=$((read_kib / 1024)) MiB (with verify) written=$((write_kib / 1024)) MiB"
   [ "$err" = 0 ] || return 1
-  [ $((write_kib / 1024)) -ge "$FIO_WRITTEN_MIB_MIN" ] ||
-    { echo "fio wrote less than $FIO_WRITTEN_MIB_MIN MiB"; return 1; }
+  [ $((write_kib / 1024)) -ge $((size_mib / 2)) ] ||
+    { echo "fio wrote less than $((size_mib / 2)) MiB"; return 1; }
 }
 
 disconnect() {
@@ -145,15 +147,15 @@ fi
 lab_step discover discover || fail "nvme discover"
 for run in $DIGEST_RUNS; do
   case $run in
-    plain) flags="" ;;
-    digests) flags="-g -G" ;;
+    plain) flags="" size_mib=$FIO_SIZE_MIB ;;
+    digests) flags="-g -G" size_mib=${FIO_DIGESTS_SIZE_MIB:-$FIO_SIZE_MIB} ;;
     *) fail "unknown digest run '$run'" ;;
   esac
   # shellcheck disable=SC2086 # $flags is a word list
   lab_step "connect-$run" connect $flags || fail "nvme connect ($run)"
   lab_step "list-$run" check_list || fail "nvme list ($run)"
   lab_step "id-ctrl-$run" check_id_ctrl || fail "nvme id-ctrl ($run)"
-  lab_step "fio-verify-$run" fio_verify || fail "fio verify ($run)"
+  lab_step "fio-verify-$run" fio_verify "$size_mib" || fail "fio verify ($run)"
   lab_step "disconnect-$run" disconnect || fail "nvme disconnect ($run)"
 done
 lab_step denied-host denied_connect || fail "connect from a host not on the allow-list"
