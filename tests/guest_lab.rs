@@ -80,14 +80,14 @@ fn run_lab(script: &str, args: &[&str], env: &[(&str, String)], steps: &[&str], 
     eprintln!("{script} {args:?}: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
-/// The initiator steps against Linux's nvmet inside the guest, 64 MiB per verify run (the
+/// The initiator steps against Linux's nvmet inside the guest, 32 MiB per verify run (the
 /// 512 MiB runs belong to the kiln test and `ci/guest-nvmf-test.sh` itself).
 #[test]
 fn nvmf_initiator_against_linux_nvmet() {
     if require_lab().is_none() {
         return;
     }
-    let env = [("FIO_SIZE_MIB", "64".to_string())];
+    let env = [("FIO_SIZE_MIB", "32".to_string())];
     let mut steps = vec!["reference-nvmet-setup"];
     steps.extend_from_slice(NVMF_STEPS);
     run_lab(
