@@ -79,7 +79,10 @@ size=$(stat -c %s "$work/payload.cpio")
 truncate -s $(((size + 511) / 512 * 512)) "$work/payload.cpio"
 cat "$lab_dir/base.cpio" "$work/payload.cpio" >"$work/initrd"
 
-cmdline="console=ttyS0 panic=-1 quiet"
+# no_timer_check: on a loaded host TCG can miss the kernel's IO-APIC timer
+# check, which with interrupt remapping (--iommu) is a panic ("timer doesn't
+# work through Interrupt-remapped IO-APIC").
+cmdline="console=ttyS0 panic=-1 quiet no_timer_check"
 args=(-accel tcg -cpu max -smp "$smp" -m "$mem_mib" -nographic -no-reboot
   -kernel "$lab_dir/vmlinuz" -initrd "$work/initrd"
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile=)
