@@ -49,6 +49,12 @@ pub fn require_tool(tool: &str) -> bool {
     require(on_path(tool), tool, "which is not on PATH")
 }
 
+/// A missing prerequisite: panics under `CI=true`, otherwise prints a loud SKIPPED line and
+/// returns false.
+fn missing(what: &str, why: &str) -> bool {
+    require(false, what, why)
+}
+
 /// `require_tool` for anything else a test needs (a built library, prepared headers):
 /// true if `present`; otherwise panics under `CI=true`, or prints a loud
 /// `SKIPPED: <test> needs <what>` line (with `why`) and returns false.
@@ -62,6 +68,22 @@ pub fn require(present: bool, what: &str, why: &str) -> bool {
     }
     eprintln!("\n**********\nSKIPPED: {test} needs {what}, {why}\n**********\n");
     false
+}
+
+/// The QEMU guest lab's directory (`LAB_DIR`, default `target/lab`) if `ci/lab/prepare.sh` has
+/// prepared it; otherwise `None` after [`require_tool`]'s treatment (panic under `CI=true`,
+/// SKIPPED line elsewhere).
+pub fn require_lab() -> Option<PathBuf> {
+    let dir = match std::env::var_os("LAB_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lab"),
+    };
+    if dir.join("ready").is_file() {
+        return Some(dir);
+    }
+    let why = format!("{} is not prepared: run ci/lab/prepare.sh", dir.display());
+    missing("the QEMU guest lab", &why);
+    None
 }
 
 /// Checks several tools; false (after printing SKIPPED lines) if any is missing.
