@@ -249,8 +249,11 @@ pub fn body_large_io(dev: &dyn BlockDevice) {
     assert_eq!(chan.inflight(), 0);
 }
 
+/// A shared test body: panics (assert) on failure.
+pub type TestBody = fn(&dyn BlockDevice);
+
 /// The bodies `kiln device-test` runs, by name.
-pub const BODIES: [(&str, fn(&dyn BlockDevice)); 3] = [
+pub const BODIES: [(&str, TestBody); 3] = [
     ("read_write_zero_trim", body_read_write_zero_trim),
     ("queue_depth", body_queue_depth),
     ("large_io", body_large_io),
