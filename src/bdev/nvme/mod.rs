@@ -335,7 +335,7 @@ pub fn pieces(
         }
         IoKind::Flush => u32::MAX,
     };
-    assert!(step >= block_bytes && step % block_bytes == 0);
+    assert!(req.kind == IoKind::Flush || (step >= block_bytes && step % block_bytes == 0));
     let total = req.len_bytes;
     let count = if req.kind == IoKind::Flush {
         1
