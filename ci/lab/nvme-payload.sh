@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the guest payload of issue 8's NVMe tests (the hook ci/guest-nvme-test.sh
-# calls): a statically linked kiln in PAYLOAD_DIR/bin and ci/lab/guest-nvme.sh as
-# PAYLOAD_DIR/guest-run.sh (the payload contract of ci/lab/README.md).
+# Builds the guest payload of issue 8's NVMe tests for ci/guest-nvme-test.sh
+# --payload DIR (the payload contract of ci/lab/README.md): a statically linked
+# kiln in PAYLOAD_DIR/bin, ci/lab/guest-nvme-run.sh as guest-run.sh (run on
+# vfio-pci) and ci/lab/guest-nvme-verify.sh as guest-verify.sh (run after the
+# kernel driver took the controller back).
 #
 #   ci/lab/nvme-payload.sh PAYLOAD_DIR
 #
@@ -23,5 +25,6 @@ file "$bin" 2>/dev/null | grep -q "statically linked" ||
   { echo "$bin is not statically linked" >&2; exit 1; }
 cp "$bin" "$dir/bin/kiln"
 strip --strip-debug "$dir/bin/kiln" 2>/dev/null || true
-cp ci/lab/guest-nvme.sh "$dir/guest-run.sh"
-chmod +x "$dir/guest-run.sh" "$dir/bin/kiln"
+cp ci/lab/guest-nvme-run.sh "$dir/guest-run.sh"
+cp ci/lab/guest-nvme-verify.sh "$dir/guest-verify.sh"
+chmod +x "$dir/guest-run.sh" "$dir/guest-verify.sh" "$dir/bin/kiln"
