@@ -20,8 +20,7 @@ if [ -z "$bin" ]; then
     cargo build --release --quiet --target x86_64-unknown-linux-gnu --bin kiln
   bin=target/static/x86_64-unknown-linux-gnu/release/kiln
 fi
-file "$bin" 2>/dev/null | grep -q "statically linked" ||
-  ldd "$bin" 2>&1 | grep -q "not a dynamic executable" ||
+ldd "$bin" 2>&1 | grep -Eq "statically linked|not a dynamic executable" ||
   { echo "$bin is not statically linked" >&2; exit 1; }
 cp "$bin" "$dir/bin/kiln"
 strip --strip-debug "$dir/bin/kiln" 2>/dev/null || true

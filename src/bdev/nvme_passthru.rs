@@ -156,10 +156,10 @@ fn identify(file: &File, path: &Path, cns: u32, nsid: u32) -> Result<Vec<u8>, De
     Ok(page.as_slice().to_vec())
 }
 
-/// The kernel's passthrough transfer limit from the block queue of the same
-/// namespace (`/dev/ng0n1` ↔ `/sys/block/nvme0n1/queue`): `max_hw_sectors_kb`,
-/// and one page per segment, as user buffers are mapped page by page.
-fn queue_limit_bytes(path: &Path) -> Option<u64> {
+/// The kernel's limits for passthrough on this namespace, from the block queue
+/// of the same namespace (`/dev/ng0n1` ↔ `/sys/block/nvme0n1/queue`):
+/// `(max_hw_sectors_kb * 1024, max_segments)`.
+fn queue_limits(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?;
     let block = format!("nvme{}", name.strip_prefix("ng")?);
     let read = |f: &str| -> Option<u64> {
@@ -169,9 +169,7 @@ fn queue_limit_bytes(path: &Path) -> Option<u64> {
             .parse()
             .ok()
     };
-    let hw = read("max_hw_sectors_kb")? * 1024;
-    let segments = read("max_segments").unwrap_or(u64::MAX / PAGE_BYTES);
-    Some(hw.min(segments.saturating_sub(1).max(1) * PAGE_BYTES))
+    Some((read("max_hw_sectors_kb")? * 1024, read("max_segments")?))
 }
 
 pub struct NvmePassthruDevice {
@@ -181,6 +179,8 @@ pub struct NvmePassthruDevice {
     nsid: u32,
     lba_shift: u32,
     transfer_bytes_max: u32,
+    /// The queue's `max_segments`.
+    segments_max: u64,
     write_zeroes: bool,
 }
 
@@ -218,7 +218,9 @@ impl NvmePassthruDevice {
                 ns.metadata_bytes
             )));
         }
-        let queue_limit = queue_limit_bytes(path).unwrap_or(128 << 10);
+        // User buffers are mapped page by page: one segment per page, one spare.
+        let (hw_bytes, segments_max) = queue_limits(path).unwrap_or((128 << 10, 33));
+        let queue_limit = hw_bytes.min(segments_max.saturating_sub(1).max(1) * PAGE_BYTES);
         let transfer_bytes_max = ctrl
             .mdts_bytes(PAGE_BYTES)
             .unwrap_or(u64::MAX)
@@ -247,6 +249,7 @@ impl NvmePassthruDevice {
             nsid,
             lba_shift: ns.lba_shift,
             transfer_bytes_max,
+            segments_max,
             write_zeroes: ctrl.supports_write_zeroes(),
         })
     }
@@ -260,7 +263,7 @@ impl BlockDevice for NvmePassthruDevice {
     fn open_channel(&self, opts: &ChannelOptions<'_>) -> Result<Box<dyn IoChannel>, DeviceError> {
         let capacity = opts.queue_depth.max(1) as usize;
         // Room for requests split into a few commands each.
-        let entries = (capacity as u32 * 2).max(8).next_power_of_two();
+        let entries = (capacity as u32 * 4).clamp(16, 4096).next_power_of_two();
         let ring = IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
             .setup_cqsize(entries * 2)
             .build(entries)
@@ -269,7 +272,17 @@ impl BlockDevice for NvmePassthruDevice {
             .register_files(&[self.file.as_raw_fd()])
             .map_err(|e| io_err(&self.path, "io_uring register_files", e))?;
         let mut registered = false;
-        if let Some(pool) = opts.pool {
+        // Linux 6.1 counts every page of a fixed buffer from the I/O's start to the
+        // buffer's end against max_segments and refuses the command (EINVAL) above
+        // it, so buffers larger than that go as plain user addresses.
+        let fixed_ok = |pool: &crate::dma::DmaPool| {
+            let pages = pool.buf_bytes() as u64 / PAGE_BYTES;
+            if pages > self.segments_max {
+                tracing::info!(path = %self.path.display(), buf_bytes = pool.buf_bytes(), segments_max = self.segments_max, "fixed buffers not used: a buffer spans more pages than the queue's max_segments");
+            }
+            pages <= self.segments_max
+        };
+        if let Some(pool) = opts.pool.filter(|p| fixed_ok(p)) {
             let iovecs = pool.iovecs();
             // SAFETY: the iovecs describe the pool's mapping, which the reactor keeps alive
             // for longer than any channel it opens.
