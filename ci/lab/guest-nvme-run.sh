@@ -16,22 +16,7 @@
 #
 # Returns non-zero if any step failed. KILN_VERIFY_S (default 5): bench time.
 bdf=${NVME_BDF:?NVME_BDF not set}
-verify_s=${KILN_VERIFY_S:-5}
-kiln_failed=0
-export KILN_LOG=${KILN_LOG:-info}
-
-kiln_step() {
-  lab_step "$@" || kiln_failed=$((kiln_failed + 1))
-}
-
-# kiln_bench_verify SPEC IO_SIZE QD: exit 0 and zero mismatches.
-kiln_bench_verify() {
-  _out=$(kiln bench --device "$1" -w verify -o "$2" -q "$3" -t "$verify_s" --cores 0 \
-    --poll-mode busy 2>&1)
-  _rc=$?
-  echo "$_out"
-  [ $_rc -eq 0 ] && echo "$_out" | grep -q "verify mismatches 0"
-}
+. "${PAYLOAD:-/payload}/kiln-lib.sh"
 
 kiln_marker_write() {
   dd if=/dev/urandom of=/tmp/kiln-marker.bin bs=1M count=1 2>/dev/null &&

@@ -11,21 +11,7 @@
 #
 # Returns non-zero if any step failed.
 ctrl=${NVME_CTRL:?NVME_CTRL not set}
-verify_s=${KILN_VERIFY_S:-5}
-kiln_failed=0
-export KILN_LOG=${KILN_LOG:-info}
-
-kiln_step() {
-  lab_step "$@" || kiln_failed=$((kiln_failed + 1))
-}
-
-kiln_bench_verify() {
-  _out=$(kiln bench --device "$1" -w verify -o "$2" -q "$3" -t "$verify_s" --cores 0 \
-    --poll-mode busy 2>&1)
-  _rc=$?
-  echo "$_out"
-  [ $_rc -eq 0 ] && echo "$_out" | grep -q "verify mismatches 0"
-}
+. "${PAYLOAD:-/payload}/kiln-lib.sh"
 
 kiln_marker_read() {
   [ -f /tmp/kiln-marker.bin ] || { echo "guest-run.sh wrote no marker"; return 1; }

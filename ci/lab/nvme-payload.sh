@@ -26,4 +26,5 @@ cp "$bin" "$dir/bin/kiln"
 strip --strip-debug "$dir/bin/kiln" 2>/dev/null || true
 cp ci/lab/guest-nvme-run.sh "$dir/guest-run.sh"
 cp ci/lab/guest-nvme-verify.sh "$dir/guest-verify.sh"
+cp ci/lab/guest-nvme-lib.sh "$dir/kiln-lib.sh"
 chmod +x "$dir/guest-run.sh" "$dir/guest-verify.sh" "$dir/bin/kiln"

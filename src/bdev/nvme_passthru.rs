@@ -24,6 +24,7 @@ use super::nvme::{
     self, io_command, piece_count, pieces, IdentifyController, IdentifyNamespace, RequestTable,
     Sqe, Status, PAGE_BYTES,
 };
+use super::uring::io_err;
 use super::{
     BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
     SubmitError, BUF_INDEX_NONE,
@@ -124,10 +125,6 @@ impl NvmeUringCmd {
         out[..bytes.len()].copy_from_slice(bytes);
         out
     }
-}
-
-fn io_err(path: &Path, what: &str, e: std::io::Error) -> DeviceError {
-    DeviceError::Io(format!("{}: {what}: {e}", path.display()))
 }
 
 /// Identify through `NVME_IOCTL_ADMIN_CMD` into a 4 KiB page.
@@ -386,15 +383,7 @@ impl IoChannel for PassthruChannel {
         if self.queued == 0 {
             return 0;
         }
-        let n = self.queued;
-        match self.ring.submit() {
-            Ok(_) => self.queued = 0,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EBUSY)
-                    || e.raw_os_error() == Some(libc::EAGAIN) => {}
-            Err(e) => panic!("io_uring_enter failed: {e}"),
-        }
-        n
+        super::uring::enter(self.ring.submitter(), &mut self.queued)
     }
 
     #[inline]
