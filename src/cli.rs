@@ -23,6 +23,8 @@ pub enum Command {
     Replay(crate::replay::ReplayArgs),
     /// Draw a volume's heat over time (LBA × windows, tier overlay) as SVG or PNG.
     Heatmap(crate::heatmap::HeatmapArgs),
+    /// Run the shared block-device test bodies on a device (overwrites its data).
+    DeviceTest(crate::bdev::tests::DeviceTestArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +93,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Serve(args) => crate::server::serve(&args),
         Command::Rpc(args) => run_rpc(&args),
+        Command::DeviceTest(args) => crate::bdev::tests::run_device_test(&args),
         Command::ProbeIdle(args) => match crate::bench::idle_probe(&args) {
             Ok(v) => {
                 println!("{v}");

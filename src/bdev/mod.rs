@@ -8,7 +8,8 @@
 //! with its own `u64`, calls [`IoChannel::submit_pending`] once per poll, and
 //! reaps [`Completion`]s in batches.
 //!
-//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`, `mirror`.
+//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`, `mirror`,
+//! `vfio_nvme` and `nvme_passthru` (both on the shared [`nvme`] command layer).
 //! [`spec`] parses the device-spec grammar shared by the CLI, config and RPC.
 
 pub mod delay;
@@ -16,11 +17,12 @@ pub mod error;
 pub mod malloc;
 pub mod mirror;
 pub mod null;
+pub mod nvme;
+pub mod nvme_passthru;
 pub mod spec;
+pub mod tests;
 pub mod uring;
-
-#[cfg(test)]
-mod tests;
+pub mod vfio_nvme;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;

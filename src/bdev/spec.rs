@@ -9,6 +9,8 @@
 //! error:RATE,SEED[,mode=eio|torn|corrupt][,lba=FIRST-LAST][,enabled=0|1]:INNER
 //!                                         injects faults with probability RATE
 //! mirror:SPEC_A|SPEC_B                    RAID-1 over two devices, failover and resync
+//! nvme:PCI_BDF[?ns=N][&timeout_ms=MS]     NVMe controller bound to vfio-pci (user-space driver)
+//! ng:/dev/ngXnY                           NVMe namespace through io_uring passthrough
 //! ```
 //! SIZE reads like `4GiB`, `512M` or `4096`. INNER is any spec, so wrappers nest.
 
@@ -63,6 +65,41 @@ pub enum DeviceSpec {
     Mirror {
         legs: [Box<DeviceSpec>; 2],
     },
+    /// An NVMe controller bound to vfio-pci, driven from user space.
+    Nvme {
+        /// PCI address `DDDD:BB:DD.F`.
+        bdf: String,
+        /// Namespace id; the first active namespace if absent.
+        nsid: Option<u32>,
+        timeout_ms: Option<u64>,
+    },
+    /// An NVMe generic char device (`/dev/ngXnY`) through io_uring passthrough.
+    NvmePassthru {
+        path: PathBuf,
+    },
+}
+
+/// Checks a PCI address; `BB:DD.F` gets the `0000:` domain.
+fn parse_bdf(spec: &str, text: &str) -> Result<String, DeviceError> {
+    let full = if text.matches(':').count() == 1 {
+        format!("0000:{text}")
+    } else {
+        text.to_string()
+    };
+    let ok = full.len() == 12
+        && full.char_indices().all(|(i, c)| match i {
+            4 | 7 => c == ':',
+            10 => c == '.',
+            11 => ('0'..='7').contains(&c),
+            _ => c.is_ascii_hexdigit(),
+        });
+    if !ok {
+        return Err(bad(
+            spec,
+            format!("'{text}' is not a PCI address DDDD:BB:DD.F (e.g. 0000:00:04.0)"),
+        ));
+    }
+    Ok(full.to_ascii_lowercase())
 }
 
 fn bad(spec: &str, why: impl std::fmt::Display) -> DeviceError {
@@ -268,9 +305,53 @@ impl DeviceSpec {
                     ],
                 })
             }
+            "nvme" => {
+                let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let bdf = parse_bdf(text, addr)?;
+                let mut nsid = None;
+                let mut timeout_ms = None;
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (key, value) = pair
+                        .split_once('=')
+                        .ok_or_else(|| bad(text, format!("option '{pair}' is not KEY=VALUE")))?;
+                    let number = |what: &str| -> Result<u64, DeviceError> {
+                        value
+                            .parse()
+                            .map_err(|_| bad(text, format!("{what} '{value}' is not a number")))
+                    };
+                    match key {
+                        "ns" => match number("ns")? {
+                            n @ 1..=0xffff_fffe => nsid = Some(n as u32),
+                            _ => return Err(bad(text, "ns must be 1..4294967294")),
+                        },
+                        "timeout_ms" => timeout_ms = Some(number("timeout_ms")?.max(1)),
+                        _ => {
+                            return Err(bad(
+                                text,
+                                format!("unknown nvme option '{key}' (ns, timeout_ms)"),
+                            ))
+                        }
+                    }
+                }
+                Ok(DeviceSpec::Nvme {
+                    bdf,
+                    nsid,
+                    timeout_ms,
+                })
+            }
+            "ng" => {
+                if rest.is_empty() {
+                    return Err(bad(text, "ng spec needs a path such as /dev/ng0n1"));
+                }
+                Ok(DeviceSpec::NvmePassthru {
+                    path: PathBuf::from(rest),
+                })
+            }
             _ => Err(bad(
                 text,
-                format!("unknown device kind '{kind}' (null, malloc, file, delay, error, mirror)"),
+                format!(
+                    "unknown device kind '{kind}' (null, malloc, file, delay, error, mirror, nvme, ng)"
+                ),
             )),
         }
     }
@@ -337,6 +418,19 @@ impl DeviceSpec {
                 legs[1].open()?,
                 super::mirror::DEFAULT_TIMEOUT,
             )?),
+            DeviceSpec::Nvme {
+                bdf,
+                nsid,
+                timeout_ms,
+            } => Arc::new(super::vfio_nvme::VfioNvmeDevice::open(
+                name,
+                bdf,
+                *nsid,
+                *timeout_ms,
+            )?),
+            DeviceSpec::NvmePassthru { path } => {
+                Arc::new(super::nvme_passthru::NvmePassthruDevice::open(name, path)?)
+            }
         })
     }
 
@@ -371,6 +465,11 @@ impl std::fmt::Display for DeviceSpec {
                 rate, seed, inner, ..
             } => write!(f, "error:{rate},{seed}:{inner}"),
             DeviceSpec::Mirror { legs } => write!(f, "mirror:{}|{}", legs[0], legs[1]),
+            DeviceSpec::Nvme { bdf, nsid, .. } => match nsid {
+                Some(n) => write!(f, "nvme:{bdf}?ns={n}"),
+                None => write!(f, "nvme:{bdf}"),
+            },
+            DeviceSpec::NvmePassthru { path } => write!(f, "ng:{}", path.display()),
         }
     }
 }
@@ -428,5 +527,47 @@ mod tests {
         assert!(msg("mirror:malloc:8M").contains("SPEC_A|SPEC_B"));
         assert!(msg("mirror:malloc:8M|malloc:8M|malloc:8M").contains("exactly two legs"));
         assert!(msg("error:1,1,enabled=maybe:null:1G").contains("wants 0 or 1"));
+    }
+
+    #[test]
+    fn nvme_specs() {
+        assert_eq!(
+            DeviceSpec::parse("nvme:0000:00:04.0").unwrap(),
+            DeviceSpec::Nvme {
+                bdf: "0000:00:04.0".into(),
+                nsid: None,
+                timeout_ms: None
+            }
+        );
+        let s = DeviceSpec::parse("nvme:00:1F.7?ns=2&timeout_ms=500").unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::Nvme {
+                bdf: "0000:00:1f.7".into(),
+                nsid: Some(2),
+                timeout_ms: Some(500)
+            }
+        );
+        assert_eq!(s.to_string(), "nvme:0000:00:1f.7?ns=2");
+        let w = DeviceSpec::parse("delay:1,1,0:nvme:0000:00:04.0").unwrap();
+        assert!(
+            matches!(w, DeviceSpec::Delay { inner, .. } if matches!(*inner, DeviceSpec::Nvme { .. }))
+        );
+        let ng = DeviceSpec::parse("ng:/dev/ng0n1").unwrap();
+        assert_eq!(
+            ng,
+            DeviceSpec::NvmePassthru {
+                path: "/dev/ng0n1".into()
+            }
+        );
+        assert_eq!(ng.to_string(), "ng:/dev/ng0n1");
+        let msg = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
+        assert!(msg("nvme:0000:00:04").contains("not a PCI address"));
+        assert!(msg("nvme:0000:00:04.8").contains("not a PCI address"));
+        assert!(msg("nvme:zz:00:04.0").contains("not a PCI address"));
+        assert!(msg("nvme:0000:00:04.0?ns=0").contains("ns must be"));
+        assert!(msg("nvme:0000:00:04.0?ns=x").contains("ns 'x' is not a number"));
+        assert!(msg("nvme:0000:00:04.0?queues=2").contains("unknown nvme option 'queues'"));
+        assert!(msg("ng:").contains("needs a path"));
     }
 }

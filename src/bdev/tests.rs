@@ -1,6 +1,7 @@
 //! Shared block-device test bodies, written once and run on every backend
-//! (the cloud-hypervisor pattern). The guest lab runs the same bodies on
-//! NVMe devices.
+//! (the cloud-hypervisor pattern). `cargo test` runs them on the host's
+//! backends; `kiln device-test --device SPEC` runs the same bodies on real
+//! devices, which is how the guest lab tests `nvme:BDF` and `ng:/dev/ngXnY`.
 
 use super::*;
 use crate::dma::DmaPool;
@@ -192,6 +193,228 @@ pub fn body_queue_depth(dev: &dyn BlockDevice) {
     }
 }
 
+/// One 1 MiB write and read-back, through a pool buffer and through a plain
+/// heap buffer: a multi-page transfer (NVMe: PRP lists, split at MDTS).
+pub fn body_large_io(dev: &dyn BlockDevice) {
+    const LEN: usize = 1 << 20;
+    let info = dev.info().clone();
+    assert!(
+        info.size_bytes() >= 2 * LEN as u64,
+        "{}: too small",
+        info.name
+    );
+    let pool = DmaPool::new(LEN, 2).unwrap();
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 4,
+            pool: Some(&pool),
+        })
+        .unwrap();
+    let chan = chan.as_mut();
+    let (a, b) = (pool.buf(0), pool.buf(1));
+    // SAFETY: buffers are not in flight between synchronous requests.
+    let (wa, rb) = unsafe { (a.as_mut_slice(), b.as_mut_slice()) };
+    let off = LEN as u64;
+    crate::bench::fill_pattern(&mut wa[..LEN], off, 0x1a29e);
+    assert_eq!(
+        sync_io(chan, IoRequest::write(1, off, a.ptr, LEN as u32, a.index)),
+        0
+    );
+    rb.fill(0xee);
+    assert_eq!(
+        sync_io(chan, IoRequest::read(2, off, b.ptr, LEN as u32, b.index)),
+        0
+    );
+    assert!(
+        rb[..LEN] == wa[..LEN],
+        "{}: 1 MiB read-back differs",
+        info.name
+    );
+    // A buffer outside the pool, 4 KiB aligned.
+    let mut plain = vec![0u8; LEN + 4096];
+    let p = plain
+        .as_mut_ptr()
+        .wrapping_add(plain.as_ptr().align_offset(4096));
+    assert_eq!(
+        sync_io(chan, IoRequest::read(3, off, p, LEN as u32, BUF_INDEX_NONE)),
+        0
+    );
+    // SAFETY: `p` points at LEN bytes inside `plain`.
+    let got = unsafe { std::slice::from_raw_parts(p, LEN) };
+    assert!(
+        got == &wa[..LEN],
+        "{}: 1 MiB read into a heap buffer differs",
+        info.name
+    );
+    assert_eq!(chan.inflight(), 0);
+}
+
+/// A shared test body: panics (assert) on failure.
+pub type TestBody = fn(&dyn BlockDevice);
+
+/// The bodies `kiln device-test` runs, by name.
+pub const BODIES: [(&str, TestBody); 3] = [
+    ("read_write_zero_trim", body_read_write_zero_trim),
+    ("queue_depth", body_queue_depth),
+    ("large_io", body_large_io),
+];
+
+/// Writes `data` (padded with zeros to whole blocks) at `offset_bytes` and reads it back.
+pub fn write_and_check(
+    dev: &dyn BlockDevice,
+    offset_bytes: u64,
+    data: &[u8],
+) -> Result<(), String> {
+    let bs = dev.info().block_size as usize;
+    let len = data.len().div_ceil(bs) * bs;
+    let pool = DmaPool::new(len, 2).map_err(|e| format!("DMA pool: {e}"))?;
+    let mut chan = dev
+        .open_channel(&ChannelOptions {
+            queue_depth: 2,
+            pool: Some(&pool),
+        })
+        .map_err(|e| e.to_string())?;
+    let (a, b) = (pool.buf(0), pool.buf(1));
+    // SAFETY: not in flight.
+    let (wa, rb) = unsafe { (a.as_mut_slice(), b.as_mut_slice()) };
+    wa[..data.len()].copy_from_slice(data);
+    wa[data.len()..len].fill(0);
+    let w = sync_io(
+        chan.as_mut(),
+        IoRequest::write(1, offset_bytes, a.ptr, len as u32, a.index),
+    );
+    if w != 0 {
+        return Err(format!("write: {}", std::io::Error::from_raw_os_error(-w)));
+    }
+    let f = sync_io(chan.as_mut(), IoRequest::flush(2));
+    if f != 0 {
+        return Err(format!("flush: {}", std::io::Error::from_raw_os_error(-f)));
+    }
+    let r = sync_io(
+        chan.as_mut(),
+        IoRequest::read(3, offset_bytes, b.ptr, len as u32, b.index),
+    );
+    if r != 0 {
+        return Err(format!("read: {}", std::io::Error::from_raw_os_error(-r)));
+    }
+    if rb[..len] != wa[..len] {
+        return Err("read-back differs".into());
+    }
+    Ok(())
+}
+
+/// `kiln device-test`: the shared block-device test bodies on a real device.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceTestArgs {
+    /// Device spec, e.g. nvme:0000:00:04.0 or ng:/dev/ng0n1 (its data is overwritten).
+    #[arg(long)]
+    pub device: String,
+    /// Instead of the bodies: write this file at --offset, flush and read it back.
+    #[arg(long)]
+    pub write_file: Option<std::path::PathBuf>,
+    /// Byte offset for --write-file.
+    #[arg(long, default_value = "0", value_parser = crate::bench::parse_size_arg)]
+    pub offset: u64,
+}
+
+/// Runs `kiln device-test`; returns the exit code (0 only if every body passed).
+pub fn run_device_test(args: &DeviceTestArgs) -> i32 {
+    let spec = match spec::DeviceSpec::parse(&args.device) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kiln device-test: {e}");
+            return 2;
+        }
+    };
+    // The VFIO driver is opened by type to read its PRP-list counter afterwards.
+    let (dev, vfio): (Arc<dyn BlockDevice>, Option<Arc<vfio_nvme::VfioNvmeDevice>>) = match &spec {
+        spec::DeviceSpec::Nvme {
+            bdf,
+            nsid,
+            timeout_ms,
+        } => match vfio_nvme::VfioNvmeDevice::open(spec.to_string(), bdf, *nsid, *timeout_ms) {
+            Ok(d) => {
+                let d = Arc::new(d);
+                (d.clone(), Some(d))
+            }
+            Err(e) => {
+                eprintln!("kiln device-test: {e}");
+                return 2;
+            }
+        },
+        _ => match spec.open() {
+            Ok(d) => (d, None),
+            Err(e) => {
+                eprintln!("kiln device-test: {e}");
+                return 2;
+            }
+        },
+    };
+    let info = dev.info().clone();
+    println!(
+        "device {} ({}): {} blocks of {} bytes",
+        info.name, info.product, info.num_blocks, info.block_size
+    );
+    if let Some(path) = &args.write_file {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("kiln device-test: {}: {e}", path.display());
+                return 2;
+            }
+        };
+        return match write_and_check(dev.as_ref(), args.offset, &data) {
+            Ok(()) => {
+                println!(
+                    "PASS write_file {} ({} bytes at offset {})",
+                    path.display(),
+                    data.len(),
+                    args.offset
+                );
+                0
+            }
+            Err(e) => {
+                println!("FAIL write_file: {e}");
+                1
+            }
+        };
+    }
+    let mut failed = 0;
+    for (name, body) in BODIES {
+        let t0 = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(dev.as_ref())));
+        match outcome {
+            Ok(()) => println!("PASS {name} ({:.2} s)", t0.elapsed().as_secs_f64()),
+            Err(p) => {
+                failed += 1;
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                println!("FAIL {name}: {msg}");
+            }
+        }
+    }
+    if let Some(v) = vfio {
+        let lists = v.prp_list_commands();
+        if lists == 0 {
+            failed += 1;
+            println!("FAIL prp_lists: no command used a PRP list");
+        } else {
+            println!("PASS prp_lists ({lists} commands used a PRP list)");
+        }
+    }
+    if failed == 0 {
+        println!("device-test: all passed");
+        0
+    } else {
+        println!("device-test: {failed} failed");
+        1
+    }
+}
+
+#[cfg(test)]
 fn backends(test: &str) -> Vec<(String, Arc<dyn BlockDevice>)> {
     let dir = std::env::temp_dir().join(format!("kiln-bdev-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -210,6 +433,7 @@ fn backends(test: &str) -> Vec<(String, Arc<dyn BlockDevice>)> {
         .collect()
 }
 
+#[cfg(test)]
 #[test]
 fn read_write_zero_trim_on_every_backend() {
     for (spec, dev) in backends("rw") {
@@ -218,6 +442,7 @@ fn read_write_zero_trim_on_every_backend() {
     }
 }
 
+#[cfg(test)]
 #[test]
 fn queue_depth_on_every_backend() {
     let mut all = backends("qd");
@@ -228,6 +453,25 @@ fn queue_depth_on_every_backend() {
     }
 }
 
+#[cfg(test)]
+#[test]
+fn large_io_on_every_backend() {
+    let dir = std::env::temp_dir().join(format!("kiln-bdev-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dev.img");
+    for spec in [
+        "malloc:4MiB".to_string(),
+        format!("file:{}?size=4MiB", file.display()),
+        "delay:10,10,0:malloc:4MiB".to_string(),
+    ] {
+        eprintln!("backend {spec}");
+        body_large_io(open(&spec).unwrap().as_ref());
+        assert!(write_and_check(open(&spec).unwrap().as_ref(), 4096, b"kiln").is_ok());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(test)]
 #[test]
 fn delay_device_adds_latency() {
     let dev = open("delay:2000,0,0:malloc:1MiB").unwrap();
@@ -252,6 +496,7 @@ fn delay_device_adds_latency() {
     assert!(chan.next_deadline_ns().is_none());
 }
 
+#[cfg(test)]
 #[test]
 fn error_device_injects_eio_torn_and_corrupt() {
     let pool = DmaPool::new(8192, 2).unwrap();

@@ -32,7 +32,7 @@ pub struct UringDevice {
     iopoll: bool,
 }
 
-fn io_err(path: &Path, what: &str, e: std::io::Error) -> DeviceError {
+pub(crate) fn io_err(path: &Path, what: &str, e: std::io::Error) -> DeviceError {
     DeviceError::Io(format!("{}: {what}: {e}", path.display()))
 }
 
@@ -240,6 +240,19 @@ struct UringChannel {
 
 const FILE: types::Fixed = types::Fixed(0);
 
+/// One `io_uring_enter` for the `queued` SQEs; returns how many were handed over.
+/// EBUSY/EAGAIN (the CQ is full) leave them queued for the next poll.
+pub(crate) fn enter(submitter: io_uring::Submitter<'_>, queued: &mut usize) -> usize {
+    let n = *queued;
+    match submitter.submit() {
+        Ok(_) => *queued = 0,
+        Err(e)
+            if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+        Err(e) => panic!("io_uring_enter failed: {e}"),
+    }
+    n
+}
+
 impl IoChannel for UringChannel {
     #[inline]
     unsafe fn submit(&mut self, req: &IoRequest) -> Result<(), SubmitError> {
@@ -301,15 +314,7 @@ impl IoChannel for UringChannel {
         if self.queued == 0 && !(self.iopoll && self.inflight > 0) {
             return 0;
         }
-        let n = self.queued;
-        match self.ring.submit() {
-            Ok(_) => self.queued = 0,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EBUSY)
-                    || e.raw_os_error() == Some(libc::EAGAIN) => {}
-            Err(e) => panic!("io_uring_enter failed: {e}"),
-        }
-        n
+        enter(self.ring.submitter(), &mut self.queued)
     }
 
     #[inline]
