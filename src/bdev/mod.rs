@@ -15,6 +15,7 @@ pub mod delay;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod nvmf;
 pub mod spec;
 pub mod uring;
 
