@@ -100,8 +100,8 @@ impl SyncQueue {
     }
 
     /// Reads one PDU; C2HData goes into `data_in` at its offset.
-    fn read_pdu(&mut self, mut data_in: Option<&mut [u8]>) -> Result<Pdu, DeviceError> {
-        let mut buf = vec![0u8; p::HEADER_BYTES_MAX];
+    fn read_pdu(&mut self, data_in: Option<&mut [u8]>) -> Result<Pdu, DeviceError> {
+        let mut buf = [0u8; p::HEADER_BYTES_MAX];
         let mut have = 0;
         let lim = Limits {
             in_capsule_data_max: 0,
@@ -144,9 +144,7 @@ impl SyncQueue {
         }
         match head.pdu {
             Pdu::C2HData(d) => {
-                let dst = data_in
-                    .as_deref_mut()
-                    .ok_or_else(|| io_err(&self.what, "unexpected C2HData"))?;
+                let dst = data_in.ok_or_else(|| io_err(&self.what, "unexpected C2HData"))?;
                 let end = d.datao as usize + d.datal as usize;
                 if end > dst.len() {
                     return Err(io_err(&self.what, "C2HData beyond the buffer"));

@@ -767,6 +767,15 @@ fn identify(ctx: &AdminCtx<'_>, sqe: &Sqe, out: &mut [u8]) -> AdminOutcome {
             out[44] = 0;
             ok_data(4096)
         }
+        // I/O command set specific structures for the NVM command set (CSI 0): all
+        // limits zero ("no limit"), as the Linux host asks for them.
+        0x06 if !ctrl.discovery && sqe.cdw11 >> 24 == 0 => ok_data(4096),
+        0x05 if !ctrl.discovery && sqe.cdw11 >> 24 == 0 => {
+            if !namespaces(ctrl).iter().any(|n| n.nsid == sqe.nsid) {
+                return done(p::status(p::SCT_GENERIC, p::SC_INVALID_NS));
+            }
+            ok_data(4096)
+        }
         _ => invalid_field(),
     }
 }
