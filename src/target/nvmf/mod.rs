@@ -190,6 +190,8 @@ struct Conn {
     aers: usize,
     last_cmd_ns: u64,
     close_after_flush: bool,
+    /// A TermReq was queued: nothing else may follow it on the wire.
+    terminated: bool,
     dead: bool,
     rx_ready: bool,
 }
@@ -282,6 +284,7 @@ impl NvmfPoller {
             aers: 0,
             last_cmd_ns: now_ns(),
             close_after_flush: false,
+            terminated: false,
             dead: false,
             rx_ready: true,
         };
@@ -398,6 +401,7 @@ impl Conn {
         self.raw_out.extend_from_slice(&b[..n]);
         self.phase = Phase::Closing;
         self.close_after_flush = true;
+        self.terminated = true;
     }
 
     /// Sends an R2T for every write waiting for one. MAXR2T limits R2Ts per
@@ -440,6 +444,12 @@ impl Conn {
             }
         }
     }
+}
+
+/// What the I/O path needs of a namespace (copied, so no allocation per command).
+struct NsRef {
+    volume: u32,
+    blocks: u64,
 }
 
 /// Direction and length of a command's data.
@@ -554,13 +564,13 @@ impl NvmfPoller {
             // Fused commands are not supported.
             return conn.respond(slot, generic(p::SC_INVALID_FIELD), 0, 0, 0);
         }
-        let Some(ctrl) = conn.ctrl.clone() else {
+        if conn.ctrl.is_none() {
             if sqe.opcode == p::OPC_FABRICS && sqe.fctype() == p::FCTYPE_CONNECT {
                 return Self::connect(conn, env, slot);
             }
             tracing::info!(peer = %conn.peer, opcode = sqe.opcode, "command before Connect refused");
             return conn.respond(slot, generic(p::SC_CMD_SEQ_ERROR), 0, 0, 0);
-        };
+        }
         if sqe.opcode == p::OPC_FABRICS && conn.qid != 0 {
             return match sqe.fctype() {
                 p::FCTYPE_DISCONNECT => {
@@ -573,6 +583,7 @@ impl NvmfPoller {
             };
         }
         if conn.qid == 0 {
+            let ctrl = conn.ctrl.clone().expect("connected");
             let buf = r.buf;
             let mut scratch = [0u8; 0];
             let out: &mut [u8] = match buf {
@@ -614,7 +625,7 @@ impl NvmfPoller {
             }
             return;
         }
-        Self::io_command(conn, env, slot, &ctrl)
+        Self::io_command(conn, env, slot)
     }
 
     fn connect(conn: &mut Conn, env: &mut Env<'_>, slot: u16) {
@@ -644,7 +655,7 @@ impl NvmfPoller {
         }
     }
 
-    fn io_command(conn: &mut Conn, env: &mut Env<'_>, slot: u16, ctrl: &Ctrl) {
+    fn io_command(conn: &mut Conn, env: &mut Env<'_>, slot: u16) {
         let r = conn.reqs[slot as usize];
         let sqe = r.sqe;
         conn.refresh_ns();
@@ -657,14 +668,17 @@ impl NvmfPoller {
             return conn.respond(slot, generic(p::SC_INVALID_OPCODE), 0, 0, 0);
         }
         let ns = if sqe.opcode == p::IO_FLUSH && sqe.nsid == 0xffff_ffff {
-            conn.ns.first().cloned()
+            conn.ns.first()
         } else {
-            conn.ns.iter().find(|n| n.nsid == sqe.nsid).cloned()
-        };
+            conn.ns.iter().find(|n| n.nsid == sqe.nsid)
+        }
+        .map(|n| NsRef {
+            volume: n.volume,
+            blocks: n.blocks,
+        });
         let Some(ns) = ns else {
             return conn.respond(slot, generic(p::SC_INVALID_NS), 0, 0, 0);
         };
-        let _ = ctrl;
         let (buf, buf_index) = match r.buf {
             Some(b) => (b.ptr, b.index),
             None => (std::ptr::null_mut(), crate::bdev::BUF_INDEX_NONE),
@@ -722,7 +736,7 @@ impl NvmfPoller {
     }
 
     /// Dataset Management with AD: one trim per range (split at 1 GiB).
-    fn deallocate(conn: &mut Conn, env: &mut Env<'_>, slot: u16, ns: &Namespace, op: VolumeOp) {
+    fn deallocate(conn: &mut Conn, env: &mut Env<'_>, slot: u16, ns: &NsRef, op: VolumeOp) {
         let r = conn.reqs[slot as usize];
         let buf = r.buf.expect("DSM carries ranges");
         let nr = r.len as usize / 16;
@@ -1136,7 +1150,7 @@ impl NvmfPoller {
             conn.raw_out.clear();
             conn.raw_sent = 0;
         }
-        if conn.close_after_flush && conn.phase == Phase::Closing && !conn.raw_out.is_empty() {
+        if conn.terminated {
             return (progress, false);
         }
         while !conn.outq.is_empty() {
@@ -1330,7 +1344,7 @@ impl Poller for NvmfPoller {
             if draining {
                 conn.phase = Phase::Closing;
             }
-            let flushed = conn.outq.is_empty() && conn.raw_out.is_empty();
+            let flushed = (conn.outq.is_empty() || conn.terminated) && conn.raw_out.is_empty();
             if conn.phase == Phase::Closing && conn.ops_inflight == 0 && (flushed || conn.dead) {
                 self.close(idx, ctx);
                 busy = true;
