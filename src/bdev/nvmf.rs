@@ -404,7 +404,9 @@ impl BlockDevice for NvmfDevice {
                 format!("the target granted only {} I/O queues", self.io_queues),
             ));
         }
-        let entries = (opts.queue_depth.max(1) as u16 + 1).min(self.max_queue_entries);
+        // Commands in flight = queue entries (SQSIZE + 1), as the Linux host does; with
+        // SQ flow control disabled the SQ head pointer is not what limits the queue.
+        let entries = (opts.queue_depth.max(2) as u16).min(self.max_queue_entries);
         let mut q = SyncQueue::connect(&self.target)?;
         q.fabrics_connect(
             &self.target,
@@ -415,7 +417,7 @@ impl BlockDevice for NvmfDevice {
             self.hostid,
         )?;
         q.s.set_nonblocking(true).map_err(|e| io_err(&q.what, e))?;
-        let slots = (entries - 1) as usize;
+        let slots = entries as usize;
         Ok(Box::new(NvmfChannel {
             s: q.s,
             what: q.what,
