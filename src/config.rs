@@ -79,6 +79,64 @@ impl Default for NbdConfig {
     }
 }
 
+/// An NVMe-oF subsystem exported over NVMe/TCP (`[[subsystem]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemConfig {
+    pub nqn: String,
+    #[serde(default = "default_serial")]
+    pub serial: String,
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Volume names; NSIDs are 1, 2, ... in this order.
+    pub namespaces: Vec<String>,
+    #[serde(default = "default_nvmf_listeners")]
+    pub listeners: Vec<String>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default)]
+    pub allow_any_host: bool,
+}
+
+fn default_serial() -> String {
+    "KILN00000000".into()
+}
+fn default_model() -> String {
+    "kiln volume".into()
+}
+fn default_nvmf_listeners() -> Vec<String> {
+    vec!["127.0.0.1:4420".into()]
+}
+
+/// Namespaces one subsystem may hold (Identify Controller NN).
+pub const NAMESPACES_MAX: usize = 32;
+
+/// Checks an NQN: "nqn." prefix, at most 223 bytes, no spaces or control characters.
+pub fn check_nqn(nqn: &str) -> Result<(), String> {
+    if !nqn.starts_with("nqn.") {
+        return Err(format!("'{nqn}' is not an NQN (must start with 'nqn.')"));
+    }
+    if nqn.len() > 223 {
+        return Err(format!("NQN '{nqn}' is longer than 223 bytes"));
+    }
+    if nqn.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("NQN '{nqn}' contains spaces or control characters"));
+    }
+    Ok(())
+}
+
+/// A subsystem after validation.
+#[derive(Debug, Clone)]
+pub struct SubsystemPlan {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    pub namespaces: Vec<String>,
+    pub listeners: Vec<std::net::SocketAddr>,
+    pub allowed_hosts: Vec<String>,
+    pub allow_any_host: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RpcConfig {
@@ -131,6 +189,8 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
     #[serde(default)]
     pub nbd: NbdConfig,
+    #[serde(rename = "subsystem", default)]
+    pub subsystems: Vec<SubsystemConfig>,
     pub rpc: Option<RpcConfig>,
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
@@ -167,6 +227,7 @@ pub struct Plan {
     pub volumes: Vec<VolumePlan>,
     pub nbd: NbdConfig,
     pub nbd_max_payload_bytes: u32,
+    pub subsystems: Vec<SubsystemPlan>,
     pub rpc_socket: Option<String>,
     pub metrics_listen: Option<String>,
     pub reactor: ReactorSection,
@@ -314,6 +375,7 @@ impl Config {
             }
             Err(e) => return err("nbd.max_payload".into(), e),
         };
+        let subsystems = self.validate_subsystems(source, &volumes)?;
         if self.reactor.cores.is_empty() {
             return err(
                 "reactor.cores".into(),
@@ -337,11 +399,93 @@ impl Config {
             volumes,
             nbd: self.nbd.clone(),
             nbd_max_payload_bytes,
+            subsystems,
             rpc_socket: self.rpc.as_ref().map(|r| r.socket.clone()),
             metrics_listen: self.metrics.as_ref().map(|m| m.listen.clone()),
             reactor: self.reactor.clone(),
             policy: self.policy.clone(),
         })
+    }
+}
+
+impl Config {
+    fn validate_subsystems(
+        &self,
+        source: &str,
+        volumes: &[VolumePlan],
+    ) -> Result<Vec<SubsystemPlan>, String> {
+        let mut out: Vec<SubsystemPlan> = Vec::new();
+        for (i, s) in self.subsystems.iter().enumerate() {
+            let err = |k: &str, what: String| Err(format!("{source}: subsystem[{i}].{k}: {what}"));
+            if let Err(e) = check_nqn(&s.nqn) {
+                return err("nqn", e);
+            }
+            if s.nqn == crate::target::nvmf_proto::DISCOVERY_NQN {
+                return err(
+                    "nqn",
+                    "is the discovery NQN, which kiln serves itself".into(),
+                );
+            }
+            if out.iter().any(|o| o.nqn == s.nqn) {
+                return err("nqn", format!("duplicate subsystem '{}'", s.nqn));
+            }
+            if s.serial.is_empty() || s.serial.len() > 20 || !s.serial.is_ascii() {
+                return err(
+                    "serial",
+                    format!("'{}' must be 1 to 20 ASCII characters", s.serial),
+                );
+            }
+            if s.model.is_empty() || s.model.len() > 40 || !s.model.is_ascii() {
+                return err(
+                    "model",
+                    format!("'{}' must be 1 to 40 ASCII characters", s.model),
+                );
+            }
+            if s.namespaces.len() > NAMESPACES_MAX {
+                return err(
+                    "namespaces",
+                    format!("at most {} namespaces", NAMESPACES_MAX),
+                );
+            }
+            for (j, v) in s.namespaces.iter().enumerate() {
+                if !volumes.iter().any(|x| &x.name == v) {
+                    return err(
+                        &format!("namespaces[{j}]"),
+                        format!("no volume named '{v}'"),
+                    );
+                }
+                if s.namespaces[..j].contains(v) {
+                    return err(
+                        &format!("namespaces[{j}]"),
+                        format!("volume '{v}' is listed twice"),
+                    );
+                }
+            }
+            let mut listeners = Vec::new();
+            for (j, l) in s.listeners.iter().enumerate() {
+                match l.parse::<std::net::SocketAddr>() {
+                    Ok(a) => listeners.push(a),
+                    Err(_) => {
+                        return err(&format!("listeners[{j}]"), format!("'{l}' is not IP:PORT"))
+                    }
+                }
+            }
+            for (j, h) in s.allowed_hosts.iter().enumerate() {
+                if let Err(e) = check_nqn(h) {
+                    return err(&format!("allowed_hosts[{j}]"), e);
+                }
+            }
+            out.push(SubsystemPlan {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone(),
+                model: s.model.clone(),
+                namespaces: s.namespaces.clone(),
+                listeners,
+                allowed_hosts: s.allowed_hosts.clone(),
+                allow_any_host: s.allow_any_host,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -401,6 +545,24 @@ mod tests {
         );
         assert!(v(&base("[nbd]\nlisten=['nowhere']\n")).contains("nbd.listen[0]"));
         assert!(v("").contains("at least one [[tier]]"));
+        let sub = |extra: &str| {
+            base(&format!(
+                "[[volume]]\nname='v'\nsize='4M'\n[[subsystem]]\nnqn='nqn.2024-01.io.kiln:v'\nnamespaces=['v']\n{extra}"
+            ))
+        };
+        let ok = Config::parse("k.toml", &sub(""))
+            .unwrap()
+            .validate("k.toml")
+            .unwrap();
+        assert_eq!(ok.subsystems[0].listeners[0].to_string(), "127.0.0.1:4420");
+        assert!(!ok.subsystems[0].allow_any_host);
+        assert!(v(&sub("").replace("namespaces=['v']", "namespaces=['w']"))
+            .contains("subsystem[0].namespaces[0]: no volume named 'w'"));
+        assert!(v(&sub("listeners=['localhost']")).contains("subsystem[0].listeners[0]"));
+        assert!(v(&sub("allowed_hosts=['bob']")).contains("subsystem[0].allowed_hosts[0]"));
+        assert!(v(&sub("").replace("nqn.2024-01.io.kiln:v", "iqn.x")).contains("subsystem[0].nqn"));
+        let e = Config::parse("k.toml", &sub("colour='red'")).unwrap_err();
+        assert!(e.contains("unknown field `colour`"), "{e}");
         let e = v(&base("").replace("malloc:64M", "mallocc:64M"));
         assert!(
             e.contains("tier[0].device") && e.contains("unknown device kind"),

@@ -24,6 +24,8 @@ use crate::reactor::{ReactorConfig, ReactorHandle, Reactors};
 use crate::rpc::{RpcError, RpcServer};
 use crate::target::nbd::{NbdLimits, NbdMsg, NbdPoller};
 use crate::target::nbd_proto::{ExportInfo, HandshakeConfig};
+use crate::target::nvmf::service::NvmfService;
+use crate::target::nvmf::{NvmfPoller, NvmfShared};
 use crate::volume::epoch::Epochs;
 use crate::volume::io::VolumeIo;
 use crate::volume::journal::{self, MetaRequest, MetaTier, TierUsage};
@@ -49,6 +51,7 @@ pub struct Shared {
     pub reactors: Vec<ReactorHandle>,
     pub nbd_connections: Arc<AtomicUsize>,
     pub policy: Arc<PolicyShared>,
+    pub nvmf: Arc<NvmfService>,
 }
 
 fn block_signals() -> libc::sigset_t {
@@ -84,15 +87,23 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
             .cloned()
             .ok_or_else(|| RpcError::invalid_params(format!("volume '{name}' not found")))
     };
+    if let Some(r) = shared.nvmf.rpc(method, &params) {
+        return r.map_err(RpcError::invalid_params);
+    }
     match method {
         "kiln_get_version" => Ok(json!({"version": env!("CARGO_PKG_VERSION"), "name": "kiln"})),
-        "rpc_get_methods" => Ok(json!([
-            "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
-            "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
-            "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
-            "volume_get_heatmap", "bdev_mirror_get_status", "bdev_mirror_replace",
-            "bdev_error_inject"
-        ])),
+        "rpc_get_methods" => {
+            let mut m = json!([
+                "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
+                "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
+                "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
+                "volume_get_heatmap", "bdev_mirror_get_status", "bdev_mirror_replace",
+                "bdev_error_inject"
+            ]);
+            let list = m.as_array_mut().expect("array");
+            list.extend(crate::target::nvmf::service::RPC_METHODS.iter().map(|n| json!(n)));
+            Ok(m)
+        }
         "bdev_get_bdevs" => Ok(Value::Array(
             shared
                 .tiers
@@ -445,7 +456,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         mode: plan.reactor.poll_mode,
         idle_spin_us: plan.reactor.idle_spin_us,
         dma_buf_bytes: plan.nbd_max_payload_bytes as usize,
-        dma_buf_count: (plan.nbd.max_queue_depth * 2).clamp(64, 1024),
+        // NBD connections and the NVMe/TCP queues (up to 128 commands each) share the pool.
+        dma_buf_count: (plan.nbd.max_queue_depth * 2).clamp(64, 1024) + 256,
     };
     let mut reactors =
         Reactors::start(&plan.reactor.cores, &rconfig).map_err(|e| format!("reactors: {e}"))?;
@@ -476,10 +488,27 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     };
     let live = Arc::new(AtomicUsize::new(0));
     let epochs = Arc::new(Epochs::new(reactors.handles.len()));
-    let (samplers, mut recorders) = crate::policy::heat_samplers(&volumes, reactors.handles.len());
+    // Two heat recorders per reactor: its NBD engine's and its NVMe/TCP engine's.
+    let n_reactors = reactors.handles.len();
+    let (samplers, mut recorders) = crate::policy::heat_samplers(&volumes, n_reactors * 2);
+    let registry = Arc::new(crate::target::nvmf::ctrl::Registry::new(volumes.clone()));
+    for s in &plan.subsystems {
+        registry
+            .add_spec(s)
+            .map_err(|e| format!("{source}: subsystem {}: {e}", s.nqn))?;
+    }
+    let nvmf_shared = Arc::new(NvmfShared {
+        registry,
+        max_io_bytes: plan.nbd_max_payload_bytes,
+        live: AtomicUsize::new(0),
+    });
+    let mut nvmf_inboxes = Vec::new();
     let mut inboxes = Vec::new();
     for (ri, h) in reactors.handles.iter().enumerate() {
         let (ep, recs) = (epochs.clone(), std::mem::take(&mut recorders[ri]));
+        let nvmf_recs = std::mem::take(&mut recorders[n_reactors + ri]);
+        let (nvmf_tx, nvmf_rx) = crossbeam_channel::unbounded();
+        let nvmf_sh = nvmf_shared.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
         let (vols, tiers_c, meta, hs, lim, lv, handle, m) = (
             volumes.clone(),
@@ -494,13 +523,31 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
-            match VolumeIo::new(vols, &tiers_c, &r.pool, &m, slab, meta, Some(handle)) {
-                Ok(mut io) => {
-                    io.set_epochs(ep, ri);
+            let engines = VolumeIo::new(
+                vols.clone(),
+                &tiers_c,
+                &r.pool,
+                &m,
+                slab,
+                meta.clone(),
+                Some(handle.clone()),
+            )
+            .and_then(|a| {
+                let slab = NvmfPoller::ENGINE_SLAB;
+                VolumeIo::new(vols, &tiers_c, &r.pool, &m, slab, meta, Some(handle)).map(|b| (a, b))
+            });
+            match engines {
+                Ok((mut io, mut nvmf_io)) => {
+                    io.set_epochs(ep.clone(), ri);
                     for (vi, rec) in recs.into_iter().enumerate() {
                         io.set_heat(vi, rec);
                     }
+                    nvmf_io.set_epochs(ep, ri);
+                    for (vi, rec) in nvmf_recs.into_iter().enumerate() {
+                        nvmf_io.set_heat(vi, rec);
+                    }
                     r.add_poller(Box::new(NbdPoller::new(io, rx, hs, lim, lv)));
+                    r.add_poller(Box::new(NvmfPoller::new(nvmf_io, nvmf_rx, nvmf_sh)));
                     let _ = ok_tx.send(Ok(()));
                 }
                 Err(e) => {
@@ -510,6 +557,13 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         });
         ok_rx.recv().map_err(|_| "reactor died".to_string())??;
         inboxes.push((h.clone(), tx));
+        nvmf_inboxes.push((h.clone(), nvmf_tx));
+    }
+    let nvmf = Arc::new(NvmfService::new(nvmf_shared.clone(), nvmf_inboxes));
+    for s in &plan.subsystems {
+        for l in &s.listeners {
+            nvmf.listen(*l)?;
+        }
     }
     // Listeners.
     let stop = Arc::new(AtomicBool::new(false));
@@ -576,6 +630,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         reactors: reactors.handles.clone(),
         nbd_connections: live.clone(),
         policy: policy.shared.clone(),
+        nvmf: nvmf.clone(),
     });
     let mut rpc = match &plan.rpc_socket {
         Some(path) => {
@@ -637,6 +692,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         let _ = a.join();
     }
     let _ = gauges.join();
+    nvmf.shutdown();
     policy.stop();
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     for (h, tx) in &inboxes {

@@ -19,6 +19,7 @@ pub mod mirror;
 pub mod null;
 pub mod nvme;
 pub mod nvme_passthru;
+pub mod nvmf;
 pub mod spec;
 pub mod tests;
 pub mod uring;

@@ -11,6 +11,8 @@
 //! mirror:SPEC_A|SPEC_B                    RAID-1 over two devices, failover and resync
 //! nvme:PCI_BDF[?ns=N][&timeout_ms=MS]     NVMe controller bound to vfio-pci (user-space driver)
 //! ng:/dev/ngXnY                           NVMe namespace through io_uring passthrough
+//! nvmf://HOST:PORT/NQN/NSID[?hdgst=1][&ddgst=1][&hostnqn=NQN]
+//!                                         a namespace on an NVMe/TCP target
 //! ```
 //! SIZE reads like `4GiB`, `512M` or `4096`. INNER is any spec, so wrappers nest.
 
@@ -77,6 +79,7 @@ pub enum DeviceSpec {
     NvmePassthru {
         path: PathBuf,
     },
+    Nvmf(super::nvmf::NvmfTarget),
 }
 
 /// Checks a PCI address; `BB:DD.F` gets the `0000:` domain.
@@ -117,14 +120,72 @@ fn parse_bool(spec: &str, key: &str, value: &str) -> Result<bool, DeviceError> {
     }
 }
 
+/// `nvmf://HOST:PORT/NQN/NSID[?hdgst=1][&ddgst=1][&hostnqn=NQN]` (after the scheme).
+fn parse_nvmf(text: &str, rest: &str) -> Result<DeviceSpec, DeviceError> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut parts = path.splitn(3, '/');
+    let addr = parts.next().unwrap_or("");
+    let nqn = parts.next().unwrap_or("");
+    let nsid = parts.next().unwrap_or("");
+    if addr.is_empty() || nqn.is_empty() || nsid.is_empty() {
+        return Err(bad(text, "nvmf wants nvmf://HOST:PORT/NQN/NSID"));
+    }
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(bad(text, format!("'{addr}' is not HOST:PORT")));
+    }
+    crate::config::check_nqn(nqn).map_err(|e| bad(text, e))?;
+    let nsid: u32 = match nsid.parse() {
+        Ok(n) if n > 0 && n < 0xffff_ffff => n,
+        _ => {
+            return Err(bad(
+                text,
+                format!("NSID '{nsid}' is not a number 1..0xfffffffe"),
+            ))
+        }
+    };
+    let mut t = super::nvmf::NvmfTarget {
+        addr: addr.to_string(),
+        subnqn: nqn.to_string(),
+        nsid,
+        digests: Default::default(),
+        hostnqn: super::nvmf::DEFAULT_HOSTNQN.to_string(),
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(text, format!("option '{pair}' is not KEY=VALUE")))?;
+        match key {
+            "hdgst" => t.digests.header = parse_bool(text, key, value)?,
+            "ddgst" => t.digests.data = parse_bool(text, key, value)?,
+            "hostnqn" => {
+                crate::config::check_nqn(value).map_err(|e| bad(text, e))?;
+                t.hostnqn = value.to_string();
+            }
+            _ => {
+                return Err(bad(
+                    text,
+                    format!("unknown nvmf option '{key}' (hdgst, ddgst, hostnqn)"),
+                ))
+            }
+        }
+    }
+    Ok(DeviceSpec::Nvmf(t))
+}
+
 impl DeviceSpec {
     /// Parses `text`; errors name the part of the spec that is wrong.
     pub fn parse(text: &str) -> Result<DeviceSpec, DeviceError> {
         let text = text.trim();
+        if let Some(rest) = text.strip_prefix("nvmf://") {
+            return parse_nvmf(text, rest);
+        }
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 text,
-                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error or mirror",
+                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error, mirror, nvme or ng, or nvmf://HOST:PORT/NQN/NSID",
             )
         })?;
         match kind {
@@ -392,6 +453,7 @@ impl DeviceSpec {
                 *write_us,
                 *mib_s,
             )),
+            DeviceSpec::Nvmf(t) => Arc::new(super::nvmf::NvmfDevice::open(name, t)?),
             DeviceSpec::Error {
                 rate,
                 seed,
@@ -470,6 +532,7 @@ impl std::fmt::Display for DeviceSpec {
                 None => write!(f, "nvme:{bdf}"),
             },
             DeviceSpec::NvmePassthru { path } => write!(f, "ng:{}", path.display()),
+            DeviceSpec::Nvmf(t) => write!(f, "nvmf://{}/{}/{}", t.addr, t.subnqn, t.nsid),
         }
     }
 }
@@ -527,6 +590,19 @@ mod tests {
         assert!(msg("mirror:malloc:8M").contains("SPEC_A|SPEC_B"));
         assert!(msg("mirror:malloc:8M|malloc:8M|malloc:8M").contains("exactly two legs"));
         assert!(msg("error:1,1,enabled=maybe:null:1G").contains("wants 0 or 1"));
+        assert!(msg("nvmf://127.0.0.1/nqn.x/1").contains("not HOST:PORT"));
+        assert!(msg("nvmf://127.0.0.1:4420/iqn.x/1").contains("not an NQN"));
+        assert!(msg("nvmf://127.0.0.1:4420/nqn.x/0").contains("NSID '0'"));
+        assert!(msg("nvmf://127.0.0.1:4420/nqn.x/1?crc=1").contains("unknown nvmf option 'crc'"));
+        let t = DeviceSpec::parse("nvmf://127.0.0.1:4420/nqn.2024-01.io.kiln:a/2?hdgst=1&ddgst=1")
+            .unwrap();
+        assert!(
+            matches!(&t, DeviceSpec::Nvmf(n) if n.nsid == 2 && n.digests.header && n.digests.data)
+        );
+        assert_eq!(
+            t.to_string(),
+            "nvmf://127.0.0.1:4420/nqn.2024-01.io.kiln:a/2"
+        );
     }
 
     #[test]

@@ -117,10 +117,16 @@ impl Parker {
         check(rc, "epoll_ctl ADD").map(drop)
     }
 
-    /// Moves the fds that fired while parked into `out` (cleared first).
+    /// Copies the fds that fired during the last park into `out` (cleared first).
+    /// Several pollers may look; the reactor clears the set after one round of polls.
     pub fn take_fired(&self, out: &mut Vec<RawFd>) {
         out.clear();
-        std::mem::swap(out, &mut *self.fired.borrow_mut());
+        out.extend_from_slice(&self.fired.borrow());
+    }
+
+    /// Forgets the fds that fired (after every poller has seen them).
+    pub fn clear_fired(&self) {
+        self.fired.borrow_mut().clear();
     }
 
     /// Removes an fd (call before closing it).

@@ -255,6 +255,8 @@ impl Reactor {
             }
             i += 1;
         }
+        // Every poller has seen the fds that fired during the last park.
+        self.parker.clear_fired();
         busy
     }
 

@@ -2,3 +2,5 @@
 
 pub mod nbd;
 pub mod nbd_proto;
+pub mod nvmf;
+pub mod nvmf_proto;

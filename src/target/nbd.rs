@@ -110,7 +110,7 @@ pub struct NbdPoller {
     polls: u64,
 }
 
-fn set_nonblocking_nodelay(fd: RawFd) {
+pub(crate) fn set_nonblocking_nodelay(fd: RawFd) {
     // SAFETY: fcntl on an fd we own; flags are read then written back.
     unsafe {
         let fl = libc::fcntl(fd, libc::F_GETFL);
