@@ -7,7 +7,11 @@
 # rebinds it to the kernel nvme driver, reads the pattern back and runs
 # PAYLOAD/guest-verify.sh. Exits 0 only when every step passed.
 #
-#   ci/guest-nvme-test.sh [--payload DIR] [--require-payload]
+#   ci/guest-nvme-test.sh [--payload DIR | --no-kiln]
+#
+# Without --payload it builds kiln's payload (ci/lab/nvme-payload.sh: the release
+# binary, its libraries and the guest scripts that run kiln's device tests and
+# verify benches on nvme:BDF and ng:/dev/ngXnY). --no-kiln runs the lab steps only.
 #
 # The payload contract is in ci/lab/README.md. Environment: LAB_DIR,
 # NVME_IMG_MIB (default 1024), HUGEPAGES (2 MiB pages, default 64),
@@ -16,12 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 payload=""
-require_payload=0
+no_kiln=0
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) payload=$2; shift ;;
-    --require-payload) require_payload=1 ;;
-    *) echo "usage: $0 [--payload DIR] [--require-payload]" >&2; exit 2 ;;
+    --no-kiln) no_kiln=1 ;;
+    *) echo "usage: $0 [--payload DIR | --no-kiln]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -29,15 +33,15 @@ if [ -n "$payload" ] && [ ! -f "$payload/guest-run.sh" ]; then
   echo "payload $payload has no guest-run.sh" >&2
   exit 2
 fi
-if [ -z "$payload" ] && [ $require_payload -eq 1 ]; then
-  echo "--require-payload without --payload" >&2
-  exit 2
-fi
 
 ci/lab/prepare.sh
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-nvme-lab.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+if [ -z "$payload" ] && [ $no_kiln -eq 0 ]; then
+  payload=$work/payload
+  ci/lab/nvme-payload.sh "$payload"
+fi
 # Sparse raw images: namespace 1 and a second namespace.
 truncate -s "${NVME_IMG_MIB:-1024}M" "$work/ns1.img"
 truncate -s 256M "$work/ns2.img"

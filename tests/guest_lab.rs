@@ -144,7 +144,9 @@ fn nvmf_initiator_against_kiln() {
 }
 
 /// Issue 8's lab: /dev/ng0n1 and fio io_uring_cmd, the controller rebound to vfio-pci
-/// (/dev/vfio/N) and back to nvme, and a pattern written before reads back after.
+/// (/dev/vfio/N) where kiln's VFIO driver runs the shared device bodies (PRP lists
+/// included) and verify benches, then back to nvme: the kernel reads what kiln wrote, and
+/// kiln's io_uring passthrough backend runs the same bodies and benches on /dev/ngXnY.
 #[test]
 fn nvme_controller_moves_between_nvme_and_vfio() {
     if require_lab().is_none() {
@@ -155,8 +157,18 @@ fn nvme_controller_moves_between_nvme_and_vfio() {
         "fio-io-uring-cmd",
         "write-pattern",
         "bind-vfio",
+        "kiln-vfio-device-test-ns1",
+        "kiln-vfio-device-test-ns2",
+        "kiln-vfio-bench-verify-4k",
+        "kiln-vfio-bench-verify-1m",
+        "kiln-vfio-marker-write",
         "bind-kernel",
         "read-pattern",
+        "kiln-kernel-reads-marker",
+        "kiln-ng-device-test-ns1",
+        "kiln-ng-device-test-ns2",
+        "kiln-ng-bench-verify-4k",
+        "kiln-ng-bench-verify-1m",
     ];
     run_lab(
         "ci/guest-nvme-test.sh",
