@@ -291,21 +291,10 @@ fn resume_volume_moves(
             tracing::warn!(volume = %m.volume, "unfinished move of a volume not in the config");
             continue;
         };
-        let mode = MoveMode::from_u8(m.mode);
         let dest = registry.name(m.to_tier as usize).unwrap_or_default();
+        let mode = MoveMode::from_u8(m.params.mode);
         let status = Arc::new(MoveStatus::new(&v.name, &dest, mode));
-        let job = MoveJob {
-            volume: v.id,
-            to_tier: m.to_tier,
-            mode,
-            chunk_min_bytes: 64 << 10,
-            chunk_max_bytes: 64 << 20,
-            chunk_bytes: 8 << 20,
-            rate_cap_bytes_per_s: None,
-            new_tier: None,
-            resumed: true,
-            status,
-        };
+        let job = MoveJob::resumed(v.id, m.to_tier, &m.params, status);
         match control.submit(job) {
             Ok(()) => tracing::info!(volume = %v.name, destination = %dest, mode = mode.name(), "resuming the volume migration from the journal"),
             Err(e) => tracing::warn!(volume = %v.name, "cannot resume the volume migration: {e}"),

@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 
 use super::{MigrateTier, Migrator};
 use crate::heat::HeatSampler;
-use crate::volume::journal::MetaRequest;
+use crate::volume::journal::{MetaRequest, MoveParams};
 
 /// How often the heat is folded and the rate adapted.
 pub const FOLD_MS: u64 = 250;
@@ -112,6 +112,39 @@ pub struct MoveJob {
     /// Resumed from the journal at start.
     pub resumed: bool,
     pub status: Arc<MoveStatus>,
+}
+
+impl MoveJob {
+    /// The journaled form of the job's settings.
+    pub fn params(&self) -> MoveParams {
+        MoveParams {
+            mode: self.mode as u8,
+            rate_mib_s: self
+                .rate_cap_bytes_per_s
+                .map_or(0, |r| (r / (1u64 << 20) as f64) as u64),
+            chunk_min_bytes: self.chunk_min_bytes,
+            chunk_max_bytes: self.chunk_max_bytes,
+            chunk_bytes: self.chunk_bytes,
+        }
+    }
+
+    /// A job resumed from its journaled settings.
+    pub fn resumed(volume: usize, to_tier: u8, p: &MoveParams, status: Arc<MoveStatus>) -> MoveJob {
+        status.resumed.store(true, Ordering::Relaxed);
+        MoveJob {
+            volume,
+            to_tier,
+            mode: MoveMode::from_u8(p.mode),
+            chunk_min_bytes: p.chunk_min_bytes,
+            chunk_max_bytes: p.chunk_max_bytes,
+            chunk_bytes: p.chunk_bytes,
+            rate_cap_bytes_per_s: (p.rate_mib_s > 0)
+                .then(|| p.rate_mib_s as f64 * (1u64 << 20) as f64),
+            new_tier: None,
+            resumed: true,
+            status,
+        }
+    }
 }
 
 /// Progress of one move, published for RPC.
@@ -563,7 +596,6 @@ impl Orchestrator<'_> {
 /// Runs one move to its end (or to shutdown) on the policy thread.
 pub fn run(job: MoveJob, migrator: &mut Migrator, sampler: &mut HeatSampler, stop: &AtomicBool) {
     let st = job.status.clone();
-    st.state.store(1, Ordering::Relaxed);
     st.resumed.store(job.resumed, Ordering::Relaxed);
     st.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
     let t0 = Instant::now();
@@ -622,11 +654,12 @@ fn run_inner(
     st.total_bytes.store(total, Ordering::Relaxed);
     st.on_destination_at_start_bytes
         .store(on_dst, Ordering::Relaxed);
+    st.state.store(1, Ordering::Relaxed);
     // Journal the start (a resumed move's record is already there; writing it again is harmless).
     migrator.meta_call(|reply| MetaRequest::VolumeMove {
         volume: job.volume,
         to_tier: job.to_tier,
-        mode: job.mode as u8,
+        params: job.params(),
         done: false,
         reply,
     })?;
@@ -679,7 +712,7 @@ fn run_inner(
     migrator.meta_call(|reply| MetaRequest::VolumeMove {
         volume: job.volume,
         to_tier: job.to_tier,
-        mode: job.mode as u8,
+        params: job.params(),
         done: true,
         reply,
     })?;

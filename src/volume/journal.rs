@@ -33,7 +33,7 @@ use crate::dma::AlignedBuf;
 use crate::frame;
 
 mod runtime;
-pub use runtime::{RuntimeTier, RuntimeTierOpen, VolumeMoveState, MAGIC_CHECKPOINT_EXT};
+pub use runtime::{MoveParams, RuntimeTier, RuntimeTierOpen, VolumeMoveState, MAGIC_CHECKPOINT_EXT};
 
 pub const META_BYTES: u64 = 64 << 20;
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];
@@ -116,7 +116,7 @@ pub enum Record {
     VolumeMoveStart {
         volume: String,
         to_tier: u8,
-        mode: u8,
+        params: MoveParams,
     },
     /// Every mapped granule of `volume` is on `to_tier` and the source was released.
     VolumeMoveDone { volume: String, to_tier: u8 },
@@ -196,7 +196,7 @@ pub enum MetaRequest {
     VolumeMove {
         volume: usize,
         to_tier: u8,
-        mode: u8,
+        params: MoveParams,
         done: bool,
         reply: Sender<Result<(), String>>,
     },
@@ -963,12 +963,12 @@ impl MetaService {
                     MetaRequest::VolumeMove {
                         volume,
                         to_tier,
-                        mode,
+                        params,
                         done,
                         reply,
                     } => {
                         self.handle_batch(std::mem::take(&mut work));
-                        let _ = reply.send(self.volume_move(volume, to_tier, mode, done));
+                        let _ = reply.send(self.volume_move(volume, to_tier, params, done));
                     }
                     MetaRequest::TrimFree { tier, reply } => {
                         self.handle_batch(std::mem::take(&mut work));

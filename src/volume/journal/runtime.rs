@@ -37,12 +37,25 @@ pub struct RuntimeTier {
     pub capacity_bytes: u64,
 }
 
+/// How a whole-volume move runs (kept so a resumed move runs the same way).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct MoveParams {
+    /// 0 naive, 1 fixed, 2 adaptive.
+    pub mode: u8,
+    /// Copy rate cap in MiB/s; 0: none.
+    pub rate_mib_s: u64,
+    pub chunk_min_bytes: u64,
+    pub chunk_max_bytes: u64,
+    /// The fixed mode's chunk size.
+    pub chunk_bytes: u64,
+}
+
 /// A whole-volume move as journaled.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct VolumeMoveState {
     pub volume: String,
     pub to_tier: u8,
-    pub mode: u8,
+    pub params: MoveParams,
     pub done: bool,
 }
 
@@ -185,7 +198,7 @@ impl MetaService {
         &mut self,
         volume: usize,
         to_tier: u8,
-        mode: u8,
+        params: MoveParams,
         done: bool,
     ) -> Result<(), String> {
         if to_tier as usize >= self.tiers.len() {
@@ -201,7 +214,7 @@ impl MetaService {
             Record::VolumeMoveStart {
                 volume: name,
                 to_tier,
-                mode,
+                params,
             }
         };
         self.commit(std::slice::from_ref(&rec))?;
@@ -235,7 +248,7 @@ impl MetaService {
             Record::VolumeMoveStart {
                 volume,
                 to_tier,
-                mode,
+                params,
             } => {
                 if *to_tier as usize >= self.tiers.len() {
                     return Err(format!("volume move names tier {to_tier}, which does not exist"));
@@ -245,7 +258,7 @@ impl MetaService {
                 moves.push(VolumeMoveState {
                     volume: volume.clone(),
                     to_tier: *to_tier,
-                    mode: *mode,
+                    params: *params,
                     done: false,
                 });
             }
