@@ -21,6 +21,9 @@ use serde_json::Value;
 
 use common::*;
 
+/// The two tests move hundreds of MiB each; run them one at a time (2-core CI).
+static SERIAL: Mutex<()> = Mutex::new(());
+
 const STATIC: &str = "\n[policy]\npolicy = \"static\"\n";
 
 /// 128 MiB fast tier (64 MiB of it metadata), 1 GiB capacity tier, a 256 MiB volume.
@@ -91,6 +94,7 @@ fn fio_verify_passes_while_the_volume_moves_then_the_source_is_released() {
     if !require_tool("fio") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let k = Kiln::start("volmig-int", opts());
     let uri = k.unix_uri();
@@ -225,6 +229,7 @@ fn pattern(offset: u64, version: u32) -> Vec<u8> {
 
 #[test]
 fn kill9_mid_move_resumes_from_the_journal_and_keeps_every_acked_write() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let seed = seed_from_env("KILN_VOLMIG_SEED");
     eprintln!("KILN_VOLMIG_SEED={seed}");
     let mut rng = Rng::new(seed);

@@ -11,9 +11,10 @@
 //!    to about `COLD_CHUNK_S` of copying, within `[chunk_min, chunk_max]`.
 //! 3. **Pick**: the prefetch queue (a bounded max-heap of hot granules not yet
 //!    on the destination, keyed by heat over estimated copy time) gives up to
-//!    `HOT_PER_SWEEP` small chunks (`chunk_min`, merged with adjacent hot
-//!    granules up to `HOT_MERGE_MAX`), then the sequential sweep gives one
-//!    large chunk, cut short before any hot granule (left to the queue).
+//!    batches of up to `HOT_PER_SWEEP` small chunks (`chunk_min`, merged with
+//!    adjacent hot granules up to `HOT_MERGE_MAX`; one lock/grace round and one
+//!    journal commit per batch) for up to `COLD_CHUNK_S`, then the sequential
+//!    sweep gives one large chunk, cut short before any hot granule.
 //! 4. **Migrate** the chunk with the engine's protocol (lock → grace → copy
 //!    through DMA buffers → crc32c read-back → shadow → one journaled `Map`
 //!    switch → release): reads always go to the current copy, writes reach
@@ -38,14 +39,15 @@ use serde_json::{json, Value};
 
 use super::{MigrateTier, Migrator};
 use crate::heat::HeatSampler;
+use crate::volume::extent_map::{Location, Migration};
 use crate::volume::journal::{MetaRequest, MoveParams};
 
 /// How often the heat is folded and the rate adapted.
 pub const FOLD_MS: u64 = 250;
 /// Seconds of copying a cold chunk should take at the observed rate.
 const COLD_CHUNK_S: f64 = 0.25;
-/// Hot chunks taken from the prefetch queue per sweep chunk.
-const HOT_PER_SWEEP: usize = 8;
+/// Hot chunks taken from the prefetch queue per sweep chunk, moved as one batch.
+const HOT_PER_SWEEP: usize = 32;
 /// Adjacent hot granules merged into one hot chunk, at most (in chunk_min units).
 const HOT_MERGE_MAX: u64 = 4;
 /// Entries kept in the prefetch queue (a bounded queue; the rest wait for the next fold).
@@ -548,6 +550,79 @@ impl Orchestrator<'_> {
         }
     }
 
+    /// The physically contiguous runs of `[first, first+count)` not yet on the destination.
+    fn runs_of(&self, first: u64, count: u64) -> Vec<(u64, u64, Location)> {
+        let vol = self.migrator.volume(self.job.volume);
+        let mut runs: Vec<(u64, u64, Location)> = Vec::new();
+        for g in first..first + count {
+            let Some(l) = vol.map.get(g).filter(|l| l.tier != self.job.to_tier) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some(r)
+                    if r.0 + r.1 == g
+                        && r.2.tier == l.tier
+                        && r.2.phys_granule + r.1 == l.phys_granule =>
+                {
+                    r.1 += 1
+                }
+                _ => runs.push((g, 1, l)),
+            }
+        }
+        runs
+    }
+
+    /// Takes up to `HOT_PER_SWEEP` hot chunks from the prefetch queue and moves them in
+    /// one batch (one lock/grace round, one journal commit); falls back to one chunk at
+    /// a time if the batch fails. Returns the chunks taken.
+    fn migrate_hot_batch(&mut self) -> usize {
+        let mut chunks: Vec<(u64, u64)> = Vec::new();
+        let mut runs: Vec<(u64, u64, Location)> = Vec::new();
+        while chunks.len() < HOT_PER_SWEEP {
+            let Some((first, count)) = self.next_hot() else {
+                break;
+            };
+            if chunks
+                .iter()
+                .any(|&(f, c)| first < f + c && f < first + count)
+            {
+                continue;
+            }
+            chunks.push((first, count));
+            runs.extend(self.runs_of(first, count));
+        }
+        if runs.is_empty() {
+            return chunks.len();
+        }
+        for r in &runs {
+            if !self.sources.contains(&r.2.tier) {
+                self.sources.push(r.2.tier);
+            }
+        }
+        let st = &self.job.status;
+        match self
+            .migrator
+            .migrate_batch(self.job.volume, &runs, self.job.to_tier)
+        {
+            Ok(bytes) => {
+                self.failures = 0;
+                self.window_bytes += bytes;
+                st.moved_bytes.fetch_add(bytes, Ordering::Relaxed);
+                st.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                st.hot_chunks
+                    .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                st.hot_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::info!("volume move: hot batch failed ({e}); moving its chunks one by one");
+                for (first, count) in chunks.clone() {
+                    self.migrate(first, count, true);
+                }
+            }
+        }
+        chunks.len()
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -565,13 +640,16 @@ impl Orchestrator<'_> {
                 self.analyse();
                 next_fold = Instant::now() + Duration::from_millis(FOLD_MS);
             }
+            // Hot batches while the queue has entries, for at most about as long as a
+            // cold chunk takes: the hot set gets at least half of the copy time.
+            let t_hot = Instant::now();
             let mut hot_taken = 0;
-            while hot_taken < HOT_PER_SWEEP && Instant::now() < next_fold {
-                let Some((first, count)) = self.next_hot() else {
+            loop {
+                let n = self.migrate_hot_batch();
+                hot_taken += n;
+                if n == 0 || t_hot.elapsed() >= Duration::from_secs_f64(COLD_CHUNK_S) {
                     break;
-                };
-                self.migrate(first, count, true);
-                hot_taken += 1;
+                }
             }
             self.job
                 .status
@@ -823,4 +901,114 @@ pub fn rpc_volume_migrate(ctx: &MoveRpc<'_>, params: &Value) -> Result<Value, St
         status: status.clone(),
     })?;
     Ok(status.snapshot())
+}
+
+impl Migrator {
+    /// Moves several small runs (each physically contiguous on one source tier) in
+    /// one round of the engine's protocol: lock all, one grace period, copy and
+    /// read back through DMA buffers, crc32c compare, shadow, one journal commit
+    /// switching all of them (`SwitchMany`), grace, clear, grace, release. All or
+    /// nothing: on any failure no run is switched and the reservation is released.
+    fn migrate_batch(
+        &mut self,
+        volume: usize,
+        runs: &[(u64, u64, Location)],
+        to_tier: u8,
+    ) -> Result<u64, String> {
+        let vol = self.volumes[volume].clone();
+        let g = vol.map.granule_bytes;
+        let total: u64 = runs.iter().map(|r| r.1).sum();
+        let base = self.meta_call(|reply| MetaRequest::Reserve {
+            tier: to_tier,
+            granules: total,
+            reply,
+        })?;
+        let mut plan = Vec::with_capacity(runs.len());
+        let mut off = 0;
+        for &(first, count, from) in runs {
+            let to = Location {
+                tier: to_tier,
+                phys_granule: base + off,
+            };
+            plan.push((first, count, from, to));
+            off += count;
+        }
+        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .inflight_bytes
+            .fetch_add(total * g, Ordering::Relaxed);
+        for p in &plan {
+            vol.map.set_migration(p.0, p.1, Migration::Locked(p.3));
+        }
+        let copied = self.grace().and_then(|()| {
+            let mut ops = Vec::new();
+            let mut back = Vec::new();
+            for p in &plan {
+                ops.extend(self.ops_for(p.2, p.3, p.0, p.1));
+                back.extend(self.ops_for(p.3, p.3, p.0, p.1));
+            }
+            let src = self.run_ops(&mut ops, false)?;
+            let dst = self.run_ops(&mut back, true)?;
+            if src != dst {
+                return Err(format!(
+                    "crc32c mismatch between source and copy in a batch of {} runs",
+                    plan.len()
+                ));
+            }
+            self.stats
+                .bytes_verified
+                .fetch_add(total * g, Ordering::Relaxed);
+            Ok(())
+        });
+        for p in &plan {
+            vol.map.set_migration(p.0, p.1, Migration::Shadow(p.3));
+        }
+        let result = copied.and_then(|()| {
+            self.meta_call(|reply| MetaRequest::SwitchMany {
+                volume,
+                runs: plan.clone(),
+                reply,
+            })
+        });
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .inflight_bytes
+            .fetch_sub(total * g, Ordering::Relaxed);
+        // As in `migrate_run`: a write that read the old map must still see the shadow.
+        let pre_clear = if result.is_ok() { self.grace() } else { Ok(()) };
+        for p in &plan {
+            vol.map.set_migration(p.0, p.1, Migration::None);
+        }
+        let grace = pre_clear.and(self.grace());
+        match result {
+            Ok(()) => {
+                grace?;
+                for p in &plan {
+                    let _ = self.meta_tx.send(MetaRequest::Release {
+                        tier: p.2.tier,
+                        phys_granule: p.2.phys_granule,
+                        count: p.1,
+                    });
+                }
+                self.stats
+                    .completed
+                    .fetch_add(plan.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_moved
+                    .fetch_add(total * g, Ordering::Relaxed);
+                Ok(total * g)
+            }
+            Err(e) => {
+                if grace.is_ok() {
+                    let _ = self.meta_tx.send(MetaRequest::Release {
+                        tier: to_tier,
+                        phys_granule: base,
+                        count: total,
+                    });
+                }
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
 }

@@ -200,6 +200,13 @@ pub enum MetaRequest {
         done: bool,
         reply: Sender<Result<(), String>>,
     },
+    /// Several switches of one volume in one commit (a batch of small hot chunks):
+    /// `(first_granule, count, from, to)` each; all or none.
+    SwitchMany {
+        volume: usize,
+        runs: Vec<(u64, u64, Location, Location)>,
+        reply: Sender<Result<(), String>>,
+    },
     /// Trim every free range of a tier (a released migration source); replies with bytes trimmed.
     TrimFree {
         tier: u8,
@@ -969,6 +976,14 @@ impl MetaService {
                     } => {
                         self.handle_batch(std::mem::take(&mut work));
                         let _ = reply.send(self.volume_move(volume, to_tier, params, done));
+                    }
+                    MetaRequest::SwitchMany {
+                        volume,
+                        runs,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.switch_many(volume, &runs));
                     }
                     MetaRequest::TrimFree { tier, reply } => {
                         self.handle_batch(std::mem::take(&mut work));
