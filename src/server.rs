@@ -29,8 +29,8 @@ use crate::target::nbd::{NbdLimits, NbdMsg, NbdPoller};
 use crate::target::nbd_proto::{ExportInfo, HandshakeConfig};
 use crate::volume::epoch::Epochs;
 use crate::volume::io::VolumeIo;
-use crate::volume::tier_registry::TierRegistry;
 use crate::volume::journal::{self, MetaRequest, MetaTier, TierUsage};
+use crate::volume::tier_registry::TierRegistry;
 use crate::volume::Volume;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -296,7 +296,9 @@ fn resume_volume_moves(
         let status = Arc::new(MoveStatus::new(&v.name, &dest, mode));
         let job = MoveJob::resumed(v.id, m.to_tier, &m.params, status);
         match control.submit(job) {
-            Ok(()) => tracing::info!(volume = %v.name, destination = %dest, mode = mode.name(), "resuming the volume migration from the journal"),
+            Ok(()) => {
+                tracing::info!(volume = %v.name, destination = %dest, mode = mode.name(), "resuming the volume migration from the journal")
+            }
             Err(e) => tracing::warn!(volume = %v.name, "cannot resume the volume migration: {e}"),
         }
     }

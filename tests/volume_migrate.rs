@@ -137,7 +137,9 @@ fn fio_verify_passes_while_the_volume_moves_then_the_source_is_released() {
     std::thread::sleep(Duration::from_millis(300));
     let dst = k.dir.join("dst.img");
     let mut mover = std::process::Command::new(KILN)
-        .args(["migrate", "--volume", "vol0", "--follow", "--name", "newdisk"])
+        .args([
+            "migrate", "--volume", "vol0", "--follow", "--name", "newdisk",
+        ])
         .arg("--to")
         .arg(format!("file:{}?size=512MiB", dst.display()))
         .args(["--rate-mib-s", "64"])
@@ -183,7 +185,10 @@ fn fio_verify_passes_while_the_volume_moves_then_the_source_is_released() {
     assert_eq!(num(mv, "total_bytes"), 256 << 20, "{mv}");
     assert_eq!(num(mv, "done_bytes"), 256 << 20, "{mv}");
     assert!(num(mv, "moved_bytes") >= 256 << 20, "{mv}");
-    assert!(num(mv, "hot_chunks") > 0, "zipf reads make hot chunks: {mv}");
+    assert!(
+        num(mv, "hot_chunks") > 0,
+        "zipf reads make hot chunks: {mv}"
+    );
     assert!(num(mv, "source_trimmed_bytes") > 0, "{mv}");
     let after = allocated_bytes(&k.dir.join("capacity.img"));
     assert!(
@@ -206,10 +211,7 @@ fn fio_verify_passes_while_the_volume_moves_then_the_source_is_released() {
     rb.push(format!("--uri={uri}"));
     let r = fio(&k.dir.path, &rb, Duration::from_secs(60));
     assert!(r.status.success(), "read back: {}", r.describe());
-    eprintln!(
-        "integrity: {:.1}s, move {mv}",
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("integrity: {:.1}s, move {mv}", t0.elapsed().as_secs_f64());
 }
 
 const BLOCK: usize = 4096;
@@ -315,7 +317,10 @@ fn kill9_mid_move_resumes_from_the_journal_and_keeps_every_acked_write() {
         );
         if trial == 1 {
             let st = wait_state(&k, "done", Duration::from_secs(60));
-            assert!(num(&st, "moved_bytes") < size, "resumed move copied everything again: {st}");
+            assert!(
+                num(&st, "moved_bytes") < size,
+                "resumed move copied everything again: {st}"
+            );
             assert_all_on(&k, "newdisk");
         }
         // Every acknowledged write is there; the one in flight may be old or new.

@@ -9,8 +9,9 @@
 //!    read latency, AIMD on the copy queue depth (halve when foreground
 //!    latency rose by half over its average, else +1) and size the cold chunk
 //!    to about `COLD_CHUNK_S` of copying, within `[chunk_min, chunk_max]`.
-//! 3. **Pick**: the prefetch queue (a bounded max-heap of hot granules not yet
-//!    on the destination, keyed by heat over estimated copy time) gives up to
+//! 3. **Pick**: the prefetch queue (a bounded max-heap of the hot set: the
+//!    hottest granules not yet on the destination that carry `HOT_MASS` of
+//!    their heat, keyed by heat over estimated copy time) gives up to
 //!    batches of up to `HOT_PER_SWEEP` small chunks (`chunk_min`, merged with
 //!    adjacent hot granules up to `HOT_MERGE_MAX`; one lock/grace round and one
 //!    journal commit per batch) for up to `COLD_CHUNK_S`, then the sequential
@@ -47,14 +48,20 @@ pub const FOLD_MS: u64 = 250;
 /// Seconds of copying a cold chunk should take at the observed rate.
 const COLD_CHUNK_S: f64 = 0.25;
 /// Hot chunks taken from the prefetch queue per sweep chunk, moved as one batch.
-const HOT_PER_SWEEP: usize = 32;
+const HOT_PER_SWEEP: usize = 128;
 /// Adjacent hot granules merged into one hot chunk, at most (in chunk_min units).
 const HOT_MERGE_MAX: u64 = 4;
 /// Entries kept in the prefetch queue (a bounded queue; the rest wait for the next fold).
 const PREFETCH_QUEUE_MAX: usize = 8192;
-/// Decayed accesses that make a granule hot.
-const HOT_SCORE_MIN: f32 = 1.0;
-const QUEUE_DEPTH_MAX: usize = 16;
+/// Decayed accesses below which a granule is never hot (noise).
+const HOT_SCORE_MIN: f32 = 2.0;
+/// The hot set: the hottest granules that together carry this share of the
+/// predicted accesses of the granules still to move.
+const HOT_MASS: f64 = 0.9;
+/// Copy I/Os in flight at most (the naive and fixed baselines run at this depth too).
+const QUEUE_DEPTH_MAX: usize = 8;
+/// Bytes per lock/grace step of a cold chunk (hot chunks are smaller than a step).
+const COLD_COPY_UNIT_BYTES: u64 = 4 << 20;
 /// Consecutive failed chunks after which the move gives up (it stays resumable).
 const FAILURES_MAX: u64 = 64;
 
@@ -75,9 +82,7 @@ impl MoveMode {
             "naive" => Ok(MoveMode::Naive),
             "fixed" => Ok(MoveMode::Fixed),
             "adaptive" | "kiln" => Ok(MoveMode::Adaptive),
-            _ => Err(format!(
-                "mode '{s}' is not one of naive, fixed, adaptive"
-            )),
+            _ => Err(format!("mode '{s}' is not one of naive, fixed, adaptive")),
         }
     }
 
@@ -338,6 +343,8 @@ struct Orchestrator<'a> {
     fg_lat_ns: u64,
     fg_lat_avg_us: f64,
     failures: u64,
+    /// Heat at or above which a granule is hot (from the latest fold).
+    hot_threshold: f32,
 }
 
 impl Orchestrator<'_> {
@@ -377,7 +384,8 @@ impl Orchestrator<'_> {
         // Rate adaptation: AIMD on the copy queue depth from foreground latency.
         if dr > 0 {
             let lat_us = dl as f64 / dr as f64 / 1000.0;
-            st.fg_read_latency_us.store(lat_us as u64, Ordering::Relaxed);
+            st.fg_read_latency_us
+                .store(lat_us as u64, Ordering::Relaxed);
             if self.fg_lat_avg_us > 0.0 && lat_us > 1.5 * self.fg_lat_avg_us {
                 self.queue_depth = (self.queue_depth / 2).max(1);
             } else {
@@ -397,7 +405,9 @@ impl Orchestrator<'_> {
         // Cold chunks: about COLD_CHUNK_S of copying at the observed rate.
         if copied {
             let want = (rate * COLD_CHUNK_S) as u64 / self.granule_bytes;
-            let lo = self.chunk_min_granules().max((1 << 20) / self.granule_bytes);
+            let lo = self
+                .chunk_min_granules()
+                .max((1 << 20) / self.granule_bytes);
             let hi = (self.job.chunk_max_bytes / self.granule_bytes).max(lo);
             let pow2 = want.max(1).next_power_of_two();
             let smoothed = if pow2 > self.cold_chunk_granules * 2 {
@@ -412,11 +422,8 @@ impl Orchestrator<'_> {
             Ordering::Relaxed,
         );
         // Prefetch queue: hot granules not on the destination, by heat over copy time.
-        let (to, s_per_byte, chunk_min) = (
-            self.job.to_tier,
-            &self.s_per_byte,
-            self.job.chunk_min_bytes,
-        );
+        let (to, s_per_byte, chunk_min) =
+            (self.job.to_tier, &self.s_per_byte, self.job.chunk_min_bytes);
         let map = self.sampler.fold_window();
         let mut hot: Vec<Hot> = Vec::new();
         for g in 0..self.granules.min(map.partitions() as u64) {
@@ -437,10 +444,27 @@ impl Orchestrator<'_> {
                 granule: g,
             });
         }
-        if hot.len() > PREFETCH_QUEUE_MAX {
-            hot.select_nth_unstable_by(PREFETCH_QUEUE_MAX, |a, b| b.cmp(a));
-            hot.truncate(PREFETCH_QUEUE_MAX);
+        // Keep the hottest granules carrying HOT_MASS of the heat (bounded queue).
+        let mass: f64 = hot
+            .iter()
+            .map(|h| map.decayed[h.granule as usize] as f64)
+            .sum();
+        hot.sort_unstable_by(|a, b| {
+            map.decayed[b.granule as usize].total_cmp(&map.decayed[a.granule as usize])
+        });
+        let mut acc = 0.0;
+        let mut keep = 0;
+        for h in &hot {
+            if acc >= HOT_MASS * mass || keep == PREFETCH_QUEUE_MAX {
+                break;
+            }
+            acc += map.decayed[h.granule as usize] as f64;
+            keep += 1;
         }
+        hot.truncate(keep);
+        self.hot_threshold = hot
+            .last()
+            .map_or(f32::INFINITY, |h| map.decayed[h.granule as usize]);
         self.queue = hot.into_iter().collect();
         st.prefetch_queue
             .store(self.queue.len() as u64, Ordering::Relaxed);
@@ -453,7 +477,7 @@ impl Orchestrator<'_> {
                 .map()
                 .decayed
                 .get(g as usize)
-                .is_some_and(|&s| s >= HOT_SCORE_MIN)
+                .is_some_and(|&s| s >= self.hot_threshold.max(HOT_SCORE_MIN))
     }
 
     /// The next hot chunk from the prefetch queue: `(first, count)`.
@@ -742,7 +766,11 @@ fn run_inner(
         reply,
     })?;
     migrator.rate_cap_bytes_per_s = Some(job.rate_cap_bytes_per_s.unwrap_or(1e12));
-    let queue_depth = 8;
+    let queue_depth = QUEUE_DEPTH_MAX;
+    if job.mode != MoveMode::Naive {
+        // Fewer lock/grace rounds per cold chunk; writes to a unit wait at most one unit's copy.
+        migrator.copy_unit_bytes = COLD_COPY_UNIT_BYTES;
+    }
     migrator.queue_depth_override = Some(queue_depth);
     st.queue_depth.store(queue_depth as u64, Ordering::Relaxed);
     let initial_cold = match job.mode {
@@ -770,6 +798,7 @@ fn run_inner(
         fg_lat_ns: vol.stats.read_latency_ns_total.load(Ordering::Relaxed),
         fg_lat_avg_us: 0.0,
         failures: 0,
+        hot_threshold: f32::INFINITY,
     };
     o.run()?;
     // Release the sources: every free range trimmed (idempotent), then the closing record.
@@ -825,7 +854,12 @@ pub fn rpc_volume_migrate(ctx: &MoveRpc<'_>, params: &Value) -> Result<Value, St
         .get("destination")
         .and_then(Value::as_str)
         .ok_or("missing string parameter 'destination' (a device spec or a tier name)")?;
-    let mode = MoveMode::parse(params.get("mode").and_then(Value::as_str).unwrap_or("adaptive"))?;
+    let mode = MoveMode::parse(
+        params
+            .get("mode")
+            .and_then(Value::as_str)
+            .unwrap_or("adaptive"),
+    )?;
     let g = ctx.volume.map.granule_bytes;
     let chunk_min_bytes = size_param(params, "chunk_min", 64 << 10)?;
     let chunk_max_bytes = size_param(params, "chunk_max", 64 << 20)?;
@@ -836,7 +870,9 @@ pub fn rpc_volume_migrate(ctx: &MoveRpc<'_>, params: &Value) -> Result<Value, St
         ("chunk", chunk_bytes),
     ] {
         if v < g || v % g != 0 || !v.is_power_of_two() {
-            return Err(format!("'{k}' must be a power of two and a multiple of {g}"));
+            return Err(format!(
+                "'{k}' must be a power of two and a multiple of {g}"
+            ));
         }
     }
     if chunk_max_bytes < chunk_min_bytes {
@@ -853,7 +889,10 @@ pub fn rpc_volume_migrate(ctx: &MoveRpc<'_>, params: &Value) -> Result<Value, St
         .iter()
         .any(|s| matches!(s["state"].as_str(), Some("queued" | "running")))
     {
-        return Err(format!("volume '{}' is already being migrated", ctx.volume.name));
+        return Err(format!(
+            "volume '{}' is already being migrated",
+            ctx.volume.name
+        ));
     }
     let (to_tier, name, new_tier) = match ctx.registry.index_of(dest) {
         Some(i) => (i, dest.to_string(), None),

@@ -83,7 +83,11 @@ fn run_inner(args: &MigrateArgs) -> Result<(), String> {
         .progress_chars("=> "),
     );
     loop {
-        let st = call(args, "volume_migrate_status", json!({"volume": args.volume}))?;
+        let st = call(
+            args,
+            "volume_migrate_status",
+            json!({"volume": args.volume}),
+        )?;
         let n = |k: &str| st[k].as_u64().unwrap_or(0);
         bar.set_length(n("total_bytes").max(1));
         bar.set_position(n("done_bytes"));

@@ -33,7 +33,9 @@ use crate::dma::AlignedBuf;
 use crate::frame;
 
 mod runtime;
-pub use runtime::{MoveParams, RuntimeTier, RuntimeTierOpen, VolumeMoveState, MAGIC_CHECKPOINT_EXT};
+pub use runtime::{
+    MoveParams, RuntimeTier, RuntimeTierOpen, VolumeMoveState, MAGIC_CHECKPOINT_EXT,
+};
 
 pub const META_BYTES: u64 = 64 << 20;
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];

@@ -30,7 +30,9 @@ impl TierRegistry {
     ) -> TierRegistry {
         TierRegistry {
             count: AtomicUsize::new(tiers.len()),
-            opened: (0..reactors).map(|_| AtomicUsize::new(tiers.len())).collect(),
+            opened: (0..reactors)
+                .map(|_| AtomicUsize::new(tiers.len()))
+                .collect(),
             tiers: Mutex::new(tiers),
             metrics,
         }
@@ -57,7 +59,11 @@ impl TierRegistry {
     /// Registers the tier with index `index` (the journal's index; tiers arrive in order).
     pub fn add(&self, index: usize, name: String, device: Arc<dyn BlockDevice>) {
         let mut t = self.tiers.lock().unwrap();
-        assert_eq!(index, t.len(), "runtime tiers are registered in index order");
+        assert_eq!(
+            index,
+            t.len(),
+            "runtime tiers are registered in index order"
+        );
         t.push((name, device));
         self.count.store(t.len(), Ordering::Release);
     }

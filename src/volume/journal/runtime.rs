@@ -148,10 +148,8 @@ impl MetaService {
             usage: usage.clone(),
         });
         self.chans.push(chan);
-        self.allocators.push(TierAllocator::new(
-            0,
-            tier.capacity_bytes / GRANULE_BYTES,
-        ));
+        self.allocators
+            .push(TierAllocator::new(0, tier.capacity_bytes / GRANULE_BYTES));
         let open = RuntimeTierOpen {
             tier,
             device,
@@ -252,7 +250,9 @@ impl MetaService {
                 params,
             } => {
                 if *to_tier as usize >= self.tiers.len() {
-                    return Err(format!("volume move names tier {to_tier}, which does not exist"));
+                    return Err(format!(
+                        "volume move names tier {to_tier}, which does not exist"
+                    ));
                 }
                 let moves = &mut self.state.moves;
                 moves.retain(|m| m.volume != *volume);
