@@ -146,7 +146,7 @@ impl MoveJob {
             chunk_max_bytes: p.chunk_max_bytes,
             chunk_bytes: p.chunk_bytes,
             rate_cap_bytes_per_s: (p.rate_mib_s > 0)
-                .then(|| p.rate_mib_s as f64 * (1u64 << 20) as f64),
+                .then_some(p.rate_mib_s as f64 * (1u64 << 20) as f64),
             new_tier: None,
             resumed: true,
             status,
