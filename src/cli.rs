@@ -21,6 +21,8 @@ pub enum Command {
     ProbeIdle(crate::bench::IdleProbeArgs),
     /// Replay a block I/O trace against tiering policies in virtual time.
     Replay(crate::replay::ReplayArgs),
+    /// Move a whole volume to a new device while it stays online (`--follow` shows progress).
+    Migrate(crate::migrate::volume_move_cli::MigrateArgs),
     /// Draw a volume's heat over time (LBA × windows, tier overlay) as SVG or PNG.
     Heatmap(crate::heatmap::HeatmapArgs),
     /// Run the shared block-device test bodies on a device (overwrites its data).
@@ -94,6 +96,7 @@ pub fn main() -> i32 {
         Command::Serve(args) => crate::server::serve(&args),
         Command::Rpc(args) => run_rpc(&args),
         Command::DeviceTest(args) => crate::bdev::tests::run_device_test(&args),
+        Command::Migrate(args) => crate::migrate::volume_move_cli::run(&args),
         Command::ProbeIdle(args) => match crate::bench::idle_probe(&args) {
             Ok(v) => {
                 println!("{v}");

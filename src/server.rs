@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use crate::bdev::{self, BlockDevice};
 use crate::config::{parse_listen, Config, Listen, Plan};
 use crate::metrics::{Metrics, MetricsServer};
+use crate::migrate::volume_move::{
+    rpc_volume_migrate, MoveControl, MoveJob, MoveMode, MoveRpc, MoveStatus,
+};
 use crate::migrate::{MigrateTier, MigrationSettings, MigrationStats, Migrator};
 use crate::policy::{PlanTier, PolicyShared};
 use crate::reactor::{ReactorConfig, ReactorHandle, Reactors};
@@ -29,6 +32,7 @@ use crate::target::nvmf::{NvmfPoller, NvmfShared};
 use crate::volume::epoch::Epochs;
 use crate::volume::io::VolumeIo;
 use crate::volume::journal::{self, MetaRequest, MetaTier, TierUsage};
+use crate::volume::tier_registry::TierRegistry;
 use crate::volume::Volume;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -52,6 +56,8 @@ pub struct Shared {
     pub nbd_connections: Arc<AtomicUsize>,
     pub policy: Arc<PolicyShared>,
     pub nvmf: Arc<NvmfService>,
+    /// Every tier, including those added at run time (volume migration destinations).
+    pub registry: Arc<TierRegistry>,
 }
 
 fn block_signals() -> libc::sigset_t {
@@ -98,7 +104,7 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
                 "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
                 "volume_get_heatmap", "bdev_mirror_get_status", "bdev_mirror_replace",
-                "bdev_error_inject"
+                "bdev_error_inject", "volume_migrate", "volume_migrate_status"
             ]);
             let list = m.as_array_mut().expect("array");
             list.extend(crate::target::nvmf::service::RPC_METHODS.iter().map(|n| json!(n)));
@@ -189,7 +195,7 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .map(|(first, count, loc)| match loc {
                     Some(l) => json!({
                         "offset": first * g, "length": count * g,
-                        "tier": shared.tiers[l.tier as usize].0, "tier_offset": l.phys_granule * g,
+                        "tier": shared.registry.name(l.tier as usize), "tier_offset": l.phys_granule * g,
                     }),
                     None => json!({"offset": first * g, "length": count * g, "tier": null}),
                 })
@@ -248,7 +254,29 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
             v["last_plan_moves"] = json!(shared.policy.last_plan_moves.load(Ordering::Relaxed));
             v["bandwidth_pct"] = json!(shared.policy.settings.bandwidth_pct.load(Ordering::Relaxed));
             v["queue_depth"] = json!(shared.policy.settings.queue_depth.load(Ordering::Relaxed));
+            v["volume_moves"] = json!(shared.policy.moves.status(None));
             Ok(v)
+        }
+        "volume_migrate" => {
+            let v = volume_param(&params)?;
+            let ctx = MoveRpc {
+                volume: &v,
+                meta_tx: &shared.meta_tx,
+                registry: &shared.registry,
+                reactors: &shared.reactors,
+                control: &shared.policy.moves,
+            };
+            rpc_volume_migrate(&ctx, &params).map_err(RpcError::invalid_params)
+        }
+        "volume_migrate_status" => {
+            let name = params.get("volume").and_then(|v| v.as_str());
+            let list = shared.policy.moves.status(name);
+            match name {
+                Some(n) => list.into_iter().next().ok_or_else(|| {
+                    RpcError::invalid_params(format!("volume '{n}' has no migration"))
+                }),
+                None => Ok(Value::Array(list)),
+            }
         }
         "migration_set_priority" => {
             let s = &shared.policy.settings;
@@ -304,6 +332,35 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .collect(),
         )),
         _ => Err(RpcError::method_not_found(method)),
+    }
+}
+
+/// Migration share of a runtime tier (it has no config entry).
+const RUNTIME_TIER_BANDWIDTH_MIB_S: u64 = 1000;
+
+/// Queues the volume moves the journal says are unfinished (a crash or a
+/// shutdown interrupted them); chunks already switched are not copied again.
+fn resume_volume_moves(
+    moves: &[journal::VolumeMoveState],
+    volumes: &[Arc<Volume>],
+    registry: &TierRegistry,
+    control: &MoveControl,
+) {
+    for m in moves.iter().filter(|m| !m.done) {
+        let Some(v) = volumes.iter().find(|v| v.name == m.volume) else {
+            tracing::warn!(volume = %m.volume, "unfinished move of a volume not in the config");
+            continue;
+        };
+        let dest = registry.name(m.to_tier as usize).unwrap_or_default();
+        let mode = MoveMode::from_u8(m.params.mode);
+        let status = Arc::new(MoveStatus::new(&v.name, &dest, mode));
+        let job = MoveJob::resumed(v.id, m.to_tier, &m.params, status);
+        match control.submit(job) {
+            Ok(()) => {
+                tracing::info!(volume = %v.name, destination = %dest, mode = mode.name(), "resuming the volume migration from the journal")
+            }
+            Err(e) => tracing::warn!(volume = %v.name, "cannot resume the volume migration: {e}"),
+        }
     }
 }
 
@@ -441,6 +498,12 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         })
         .collect();
     let (meta_tx, meta_thread, st) = journal::start(meta_tiers, volumes.as_ref().clone())?;
+    // Tiers added at run time by earlier volume migrations (journaled) join the list.
+    let mut usage = usage;
+    for t in &st.runtime_tiers {
+        tiers.push((t.tier.name.clone(), t.device.clone()));
+        usage.push(t.usage.clone());
+    }
     tracing::info!(
         generation = st.generation,
         replayed = st.replayed_records,
@@ -461,6 +524,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     };
     let mut reactors =
         Reactors::start(&plan.reactor.cores, &rconfig).map_err(|e| format!("reactors: {e}"))?;
+    let registry = Arc::new(TierRegistry::new(
+        tiers.clone(),
+        reactors.handles.len(),
+        metrics.clone(),
+    ));
     let exports: Vec<ExportInfo> = volumes
         .iter()
         .map(|v| ExportInfo {
@@ -491,14 +559,14 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     // Two heat recorders per reactor: its NBD engine's and its NVMe/TCP engine's.
     let n_reactors = reactors.handles.len();
     let (samplers, mut recorders) = crate::policy::heat_samplers(&volumes, n_reactors * 2);
-    let registry = Arc::new(crate::target::nvmf::ctrl::Registry::new(volumes.clone()));
+    let subsystems = Arc::new(crate::target::nvmf::ctrl::Registry::new(volumes.clone()));
     for s in &plan.subsystems {
-        registry
+        subsystems
             .add_spec(s)
             .map_err(|e| format!("{source}: subsystem {}: {e}", s.nqn))?;
     }
     let nvmf_shared = Arc::new(NvmfShared {
-        registry,
+        registry: subsystems,
         max_io_bytes: plan.nbd_max_payload_bytes,
         live: AtomicUsize::new(0),
     });
@@ -509,6 +577,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         let nvmf_recs = std::mem::take(&mut recorders[n_reactors + ri]);
         let (nvmf_tx, nvmf_rx) = crossbeam_channel::unbounded();
         let nvmf_sh = nvmf_shared.clone();
+        let reg = registry.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
         let (vols, tiers_c, meta, hs, lim, lv, handle, m) = (
             volumes.clone(),
@@ -539,6 +608,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             match engines {
                 Ok((mut io, mut nvmf_io)) => {
                     io.set_epochs(ep.clone(), ri);
+                    io.set_tier_registry(reg.clone());
+                    nvmf_io.set_tier_registry(reg);
                     for (vi, rec) in recs.into_iter().enumerate() {
                         io.set_heat(vi, rec);
                     }
@@ -594,7 +665,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             usage: u.clone(),
         })
         .collect();
-    let mtiers: Vec<MigrateTier> = plan
+    let mut mtiers: Vec<MigrateTier> = plan
         .tiers
         .iter()
         .zip(&tiers)
@@ -604,6 +675,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             bandwidth_mib_s: t.bandwidth_mib_s,
         })
         .collect();
+    mtiers.extend(st.runtime_tiers.iter().map(|t| MigrateTier {
+        name: t.tier.name.clone(),
+        device: t.device.clone(),
+        bandwidth_mib_s: RUNTIME_TIER_BANDWIDTH_MIB_S,
+    }));
     let (v2, m2, e2, s2, st2) = (
         volumes.clone(),
         meta_tx.clone(),
@@ -621,7 +697,9 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         move || Migrator::new(v2, mtiers, m2, e2, s2, st2),
     )?;
     tracing::info!(policy = ?plan.policy.policy, interval_ms = plan.policy.interval_ms, "policy loop started");
+    resume_volume_moves(&st.moves, &volumes, &registry, &policy.shared.moves);
     let shared = Arc::new(Shared {
+        registry: registry.clone(),
         plan: plan.clone(),
         tiers: tiers.clone(),
         usage: usage.clone(),

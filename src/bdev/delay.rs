@@ -100,7 +100,12 @@ impl IoChannel for DelayChannel {
         unsafe { self.inner.submit(&inner_req)? };
         self.free.pop();
         let now = now_ns();
-        let transfer_ns = (req.len_bytes as u64 * self.ns_per_byte_q20) >> 20;
+        // Only payload crosses the link: a trim or a flush carries none.
+        let payload = match req.kind {
+            IoKind::Read | IoKind::Write | IoKind::WriteZeroes => req.len_bytes as u64,
+            IoKind::Trim | IoKind::Flush => 0,
+        };
+        let transfer_ns = (payload * self.ns_per_byte_q20) >> 20;
         let start = self.link_free_ns.max(now);
         self.link_free_ns = start + transfer_ns;
         let latency = match req.kind {

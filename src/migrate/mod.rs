@@ -21,6 +21,9 @@
 //! also reached (shadowing). Copies are paced by a token bucket per tier and
 //! a queue-depth share, adjustable at run time.
 
+pub mod volume_move;
+pub mod volume_move_cli;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,6 +188,11 @@ pub struct Migrator {
     /// When set, every copy I/O is recorded (tests).
     pub trace: Option<Vec<TraceEntry>>,
     grace_timeout: Duration,
+    /// A whole-volume move's overrides: copy rate cap (bytes/s, replaces the
+    /// tier share), copy queue depth, and bytes per lock/grace step.
+    pub rate_cap_bytes_per_s: Option<f64>,
+    pub queue_depth_override: Option<usize>,
+    pub copy_unit_bytes: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -238,10 +246,43 @@ impl Migrator {
             reaped: vec![Completion::default(); 32],
             trace: None,
             grace_timeout: Duration::from_secs(30),
+            rate_cap_bytes_per_s: None,
+            queue_depth_override: None,
+            copy_unit_bytes: COPY_UNIT_BYTES,
         })
     }
 
+    /// Adds a tier opened at run time (it gets index `tiers().len()`).
+    pub fn add_tier(&mut self, tier: MigrateTier) -> Result<(), String> {
+        let chan = tier
+            .device
+            .open_channel(&ChannelOptions {
+                queue_depth: 32,
+                pool: Some(&self.pool),
+            })
+            .map_err(|e| format!("tier '{}': {e}", tier.name))?;
+        self.chans.push(chan);
+        self.tiers.push(tier);
+        self.buckets.push(Bucket {
+            rate_bytes_per_s: 1.0,
+            tokens: 0.0,
+            last_ns: now_ns(),
+        });
+        Ok(())
+    }
+
+    pub fn tier_count(&self) -> usize {
+        self.tiers.len()
+    }
+
+    pub fn volume(&self, index: usize) -> Arc<Volume> {
+        self.volumes[index].clone()
+    }
+
     fn bucket_rate(&self, tier: u8) -> f64 {
+        if let Some(cap) = self.rate_cap_bytes_per_s {
+            return cap;
+        }
         let pct = self
             .settings
             .bandwidth_pct
@@ -253,10 +294,9 @@ impl Migrator {
     /// Runs copy operations to completion, `queue_depth` at a time.
     fn run_ops(&mut self, ops: &mut [CopyOp], verify: bool) -> Result<Vec<u32>, String> {
         let qd = self
-            .settings
-            .queue_depth
-            .load(Ordering::Relaxed)
-            .clamp(1, 16) as usize;
+            .queue_depth_override
+            .unwrap_or(self.settings.queue_depth.load(Ordering::Relaxed) as usize)
+            .clamp(1, 16);
         let mut crcs = vec![0u32; ops.len()];
         let mut next = 0usize;
         let mut inflight = 0usize;
@@ -412,7 +452,7 @@ impl Migrator {
         }
     }
 
-    fn meta_call<T>(
+    pub(crate) fn meta_call<T>(
         &self,
         build: impl FnOnce(Sender<Result<T, String>>) -> MetaRequest,
     ) -> Result<T, String> {
@@ -624,7 +664,7 @@ impl Migrator {
         to: Location,
     ) -> Result<(), String> {
         let g = vol.map.granule_bytes;
-        let unit = (COPY_UNIT_BYTES / g).max(1);
+        let unit = (self.copy_unit_bytes / g).max(1);
         let mut u = 0;
         while u < count {
             let n = unit.min(count - u);

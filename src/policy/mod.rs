@@ -141,6 +141,8 @@ pub struct PolicyShared {
     pub cell_bytes: Vec<u64>,
     /// Per volume: the current partitions `(first_granule, count, class, score)`.
     pub partitions: Vec<Mutex<Vec<planner::PartitionView>>>,
+    /// Whole-volume moves: requested, running and finished (run on this thread).
+    pub moves: Arc<crate::migrate::volume_move::MoveControl>,
 }
 
 /// Frames kept per volume.
@@ -257,6 +259,7 @@ pub fn start(
             .collect(),
         cell_bytes,
         partitions: volumes.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        moves: Arc::default(),
     });
     let s2 = shared.clone();
     let params = planner::Params {
@@ -316,6 +319,13 @@ fn run(
     let mut next = Instant::now() + interval;
     let mut window = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
+        // A whole-volume move takes the thread (and the heat) until it ends.
+        if let Some(job) = shared.moves.next_job() {
+            let vi = job.volume;
+            crate::migrate::volume_move::run(job, &mut migrator, &mut samplers[vi], &shared.stop);
+            next = Instant::now() + interval;
+            continue;
+        }
         let now = Instant::now();
         if now < next {
             std::thread::sleep((next - now).min(Duration::from_millis(50)));
@@ -342,6 +352,10 @@ fn run(
         // 2-3. Predict and plan.
         let mut moves = Vec::new();
         for (vi, vol) in volumes.iter().enumerate() {
+            if moved_volume(vol, migrator.tier_count(), tiers.len()) {
+                // Its chunks live on a tier the planner does not model (added at run time).
+                continue;
+            }
             let st = &mut states[vi];
             let (s, m) = st.repartition(vol, &params);
             shared.splits.fetch_add(s, Ordering::Relaxed);
@@ -440,4 +454,14 @@ fn record_frame(
         accesses,
         tiers,
     });
+}
+
+/// Whether a volume has chunks on a tier beyond the planner's tiers (a runtime tier).
+fn moved_volume(vol: &Volume, migrator_tiers: usize, plan_tiers: usize) -> bool {
+    migrator_tiers > plan_tiers
+        && vol
+            .map
+            .runs()
+            .iter()
+            .any(|r| r.2.is_some_and(|l| l.tier as usize >= plan_tiers))
 }

@@ -106,6 +106,8 @@ pub struct NbdPoller {
     live: Arc<AtomicUsize>,
     draining: Option<crossbeam_channel::Sender<usize>>,
     watched: Vec<RawFd>,
+    /// Engine tiers whose fds are watched (a tier added at run time brings a new fd).
+    watched_tiers: usize,
     fired: Vec<RawFd>,
     polls: u64,
 }
@@ -147,6 +149,7 @@ impl NbdPoller {
             live,
             draining: None,
             watched: Vec::new(),
+            watched_tiers: 0,
             fired: Vec::with_capacity(64),
             polls: 0,
         }
@@ -633,7 +636,8 @@ impl Poller for NbdPoller {
                 Err(_) => break,
             }
         }
-        if self.watched.is_empty() {
+        if self.watched.is_empty() || self.watched_tiers != self.io.tiers_opened() {
+            self.watched_tiers = self.io.tiers_opened();
             self.watch_engine(ctx.parker);
         }
         busy |= self.io.poll();

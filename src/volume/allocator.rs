@@ -34,6 +34,11 @@ impl TierAllocator {
         self.total_granules - self.free_granules
     }
 
+    /// The free runs `(start, count)` in order (trimming a released tier).
+    pub fn free_ranges(&self) -> Vec<(u64, u64)> {
+        self.free.iter().map(|(&s, &l)| (s, l)).collect()
+    }
+
     /// Allocates `count` contiguous granules aligned to `align` (first fit).
     pub fn alloc(&mut self, count: u64, align: u64) -> Option<u64> {
         let (start, len, at) = self.free.iter().find_map(|(&s, &l)| {

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::epoch::Epochs;
 use super::journal::MetaRequest;
+use super::tier_registry::TierRegistry;
 use super::Volume;
 use crate::bdev::{
     BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError,
@@ -91,6 +92,8 @@ pub struct VolumeIo {
     /// Per volume: this reactor's heat recorder and the end of its last request.
     heat: Vec<Option<HeatRecorder>>,
     last_end: Vec<u64>,
+    /// Tiers added at run time appear here; channels on them are opened on the next poll.
+    registry: Option<Arc<TierRegistry>>,
 }
 
 fn op_index(kind: IoKind) -> usize {
@@ -197,6 +200,7 @@ impl VolumeIo {
             blocked: VecDeque::with_capacity(max_requests),
             heat: volumes.iter().map(|_| None).collect(),
             last_end: vec![u64::MAX; volumes.len()],
+            registry: None,
         })
     }
 
@@ -205,6 +209,48 @@ impl VolumeIo {
     pub fn set_epochs(&mut self, epochs: Arc<Epochs>, reactor_index: usize) {
         self.epochs = epochs;
         self.reactor_index = reactor_index;
+    }
+
+    /// Follows the tier registry: tiers added at run time get channels here.
+    pub fn set_tier_registry(&mut self, registry: Arc<TierRegistry>) {
+        self.registry = Some(registry);
+        self.open_new_tiers();
+    }
+
+    /// Tiers this engine has channels on.
+    pub fn tiers_opened(&self) -> usize {
+        self.chans.len()
+    }
+
+    /// Opens channels on tiers registered since the last look (off the I/O path:
+    /// runs only when the registry's count changed). Buffers are not registered
+    /// with these channels (the reactor's pool is not ours to keep); pieces to
+    /// them use plain reads and writes.
+    #[cold]
+    fn open_new_tiers(&mut self) {
+        let Some(reg) = self.registry.clone() else {
+            return;
+        };
+        while self.chans.len() < reg.count() {
+            let i = self.chans.len();
+            let (name, dev) = reg.get(i).expect("counted tier is registered");
+            let depth = (self.reqs.len() * 4).min(4096) as u32;
+            match dev.open_channel(&ChannelOptions {
+                queue_depth: depth,
+                pool: None,
+            }) {
+                Ok(c) => {
+                    self.chans.push(c);
+                    self.tier_metrics
+                        .push(OPS.map(|op| reg.metrics.tier_io(&name, op)));
+                }
+                Err(e) => {
+                    tracing::error!(tier = %name, "cannot open a channel on the new tier: {e}");
+                    return;
+                }
+            }
+        }
+        reg.ack(self.reactor_index, self.chans.len());
     }
 
     /// Installs this reactor's heat recorder for a volume.
@@ -455,6 +501,13 @@ impl VolumeIo {
     /// Returns whether anything happened.
     pub fn poll(&mut self) -> bool {
         let mut busy = false;
+        if self
+            .registry
+            .as_ref()
+            .is_some_and(|r| r.count() != self.chans.len())
+        {
+            self.open_new_tiers();
+        }
         while let Ok((idx, rc)) = self.map_rx.try_recv() {
             busy = true;
             assert_eq!(self.reqs[idx as usize].state, ReqState::Mapping);

@@ -32,6 +32,11 @@ use crate::bdev::{
 use crate::dma::AlignedBuf;
 use crate::frame;
 
+mod runtime;
+pub use runtime::{
+    MoveParams, RuntimeTier, RuntimeTierOpen, VolumeMoveState, MAGIC_CHECKPOINT_EXT,
+};
+
 pub const META_BYTES: u64 = 64 << 20;
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];
 pub const SUPERBLOCK_BYTES: u64 = 4096;
@@ -100,6 +105,23 @@ pub enum Record {
         first_granule: u64,
         count: u64,
     },
+    // Variants below were added after format 1 shipped: appended so the postcard
+    // tags of the records above keep their values (old journals stay readable).
+    /// A tier added at run time (a volume migration's destination device).
+    AddTier {
+        index: u8,
+        name: String,
+        device: String,
+        capacity_bytes: u64,
+    },
+    /// A whole-volume migration to `to_tier` started (or its mode changed).
+    VolumeMoveStart {
+        volume: String,
+        to_tier: u8,
+        params: MoveParams,
+    },
+    /// Every mapped granule of `volume` is on `to_tier` and the source was released.
+    VolumeMoveDone { volume: String, to_tier: u8 },
 }
 
 /// Usage of one tier, published for RPC and metrics.
@@ -165,6 +187,33 @@ pub enum MetaRequest {
     Checkpoint { reply: Sender<Result<u64, String>> },
     /// Final checkpoint, then exit the thread.
     Shutdown { reply: Sender<Result<u64, String>> },
+    /// Open a device and journal it as a new tier (`Record::AddTier`).
+    AddTier {
+        name: String,
+        device: String,
+        capacity_bytes: u64,
+        reply: Sender<Result<RuntimeTierOpen, String>>,
+    },
+    /// Journal the start (`done == false`) or the end of a whole-volume move.
+    VolumeMove {
+        volume: usize,
+        to_tier: u8,
+        params: MoveParams,
+        done: bool,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Several switches of one volume in one commit (a batch of small hot chunks):
+    /// `(first_granule, count, from, to)` each; all or none.
+    SwitchMany {
+        volume: usize,
+        runs: Vec<(u64, u64, Location, Location)>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Trim every free range of a tier (a released migration source); replies with bytes trimmed.
+    TrimFree {
+        tier: u8,
+        reply: Sender<Result<u64, String>>,
+    },
 }
 
 /// Where the journal stands.
@@ -175,6 +224,10 @@ pub struct JournalState {
     pub next_seq: u64,
     pub log_pos: u64,
     pub replayed_records: u64,
+    /// Tiers added at run time (after the configured ones, in index order).
+    pub runtime_tiers: Vec<RuntimeTierOpen>,
+    /// Whole-volume moves, finished or not.
+    pub moves: Vec<VolumeMoveState>,
 }
 
 /// Owns the map changes: allocators, journal, checkpoints.
@@ -187,6 +240,8 @@ pub struct MetaService {
     orphans: Vec<VolumeImage>,
     state: JournalState,
     buf: AlignedBuf,
+    /// How many of `tiers` come from the config (the superblock's list); the rest are runtime.
+    config_tiers: usize,
 }
 
 fn io_error(what: &str, rc: i32) -> String {
@@ -317,16 +372,20 @@ impl MetaService {
                 next_seq: 1,
                 log_pos: 0,
                 replayed_records: 0,
+                runtime_tiers: Vec::new(),
+                moves: Vec::new(),
             },
             buf: AlignedBuf::zeroed(1 << 20),
+            config_tiers: 0,
         };
+        svc.config_tiers = svc.tiers.len();
         svc.recover()?;
         svc.publish_usage();
         Ok(svc)
     }
 
     fn tier_table(&self) -> Vec<(String, u64)> {
-        self.tiers
+        self.tiers[..self.config_tiers]
             .iter()
             .map(|t| (t.name.clone(), t.capacity_bytes))
             .collect()
@@ -395,7 +454,8 @@ impl MetaService {
             ));
         }
         let raw = self.read_region(slot_off, len.next_multiple_of(BLOCK_BYTES))?;
-        let (seq, ckpt, _) = frame::decode::<Checkpoint>(MAGIC_CHECKPOINT, &raw)
+        let (seq, ckpt) = self
+            .decode_checkpoint(&raw)
             .map_err(|e| format!("checkpoint in slot {} is corrupt: {e}", sb.checkpoint_slot))?;
         if seq != sb.checkpoint_seq {
             return Err(format!(
@@ -472,6 +532,8 @@ impl MetaService {
             next_seq: expected,
             log_pos: pos.next_multiple_of(BLOCK_BYTES),
             replayed_records: replayed,
+            runtime_tiers: std::mem::take(&mut self.state.runtime_tiers),
+            moves: std::mem::take(&mut self.state.moves),
         };
         // Reserve orphaned volumes' space and every mapped granule in the allocators.
         let mut claims: Vec<(u8, u64, u64)> = Vec::new();
@@ -540,6 +602,9 @@ impl MetaService {
                 let Some(i) = find(volume) else { return Ok(()) };
                 self.volumes[i].map.set_run(*first_granule, *count, None);
             }
+            Record::AddTier { .. }
+            | Record::VolumeMoveStart { .. }
+            | Record::VolumeMoveDone { .. } => self.apply_runtime(rec, replay)?,
         }
         Ok(())
     }
@@ -568,8 +633,7 @@ impl MetaService {
             .collect();
         volumes.extend(self.orphans.iter().cloned());
         let seq = self.state.next_seq - 1;
-        let mut bytes = Vec::new();
-        frame::encode(MAGIC_CHECKPOINT, seq, &Checkpoint { volumes }, &mut bytes);
+        let bytes = self.encode_checkpoint(seq, volumes);
         let slot = 1 - self.state.checkpoint_slot;
         self.write_frame_block(
             CHECKPOINT_OFFSETS[slot as usize],
@@ -679,7 +743,7 @@ impl MetaService {
                             // Partly mapped chunk (after a split): map the holes one granule at a time.
                             for g in g0..g0 + chunk_granules {
                                 if v.map.get(g).is_none() {
-                                    match self.place(1) {
+                                    match self.place_for(volume, 1) {
                                         Some((tier, phys)) => {
                                             new_space.push((tier, phys, 1));
                                             records.push(Record::Map {
@@ -696,7 +760,7 @@ impl MetaService {
                             }
                             continue;
                         }
-                        match self.place(chunk_granules) {
+                        match self.place_for(volume, chunk_granules) {
                             Some((tier, phys)) => {
                                 new_space.push((tier, phys, chunk_granules));
                                 records.push(Record::Map {
@@ -895,6 +959,37 @@ impl MetaService {
                         let r = self.write_checkpoint();
                         let _ = reply.send(r);
                         return;
+                    }
+                    MetaRequest::AddTier {
+                        name,
+                        device,
+                        capacity_bytes,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.add_tier(&name, &device, capacity_bytes));
+                    }
+                    MetaRequest::VolumeMove {
+                        volume,
+                        to_tier,
+                        params,
+                        done,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.volume_move(volume, to_tier, params, done));
+                    }
+                    MetaRequest::SwitchMany {
+                        volume,
+                        runs,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.switch_many(volume, &runs));
+                    }
+                    MetaRequest::TrimFree { tier, reply } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.trim_free(tier));
                     }
                     other => work.push(other),
                 }

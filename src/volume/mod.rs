@@ -10,6 +10,7 @@ pub mod epoch;
 pub mod extent_map;
 pub mod io;
 pub mod journal;
+pub mod tier_registry;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

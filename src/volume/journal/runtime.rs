@@ -1,0 +1,438 @@
+//! Runtime tiers and whole-volume moves in the journal (see docs/FORMAT.md,
+//! "Runtime tiers and volume moves").
+//!
+//! The superblock's tier list is the configured one and never changes. A tier
+//! added at run time (a volume migration's new destination device) is one
+//! `Record::AddTier` in the log, committed with FUA before anything maps onto
+//! it, and is carried by every later checkpoint in the extended checkpoint
+//! frame (`KLNX`), which also carries the volume moves. A checkpoint with no
+//! runtime tier and no move is written in the original `KLNC` form, so a
+//! journal that never used this feature is byte-for-byte what format 1 wrote;
+//! an older binary meeting a `KLNX` checkpoint refuses to start (bad magic)
+//! instead of silently dropping a tier.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Checkpoint, MetaService, MetaTier, Record, TierUsage, VolumeImage, GRANULE_BYTES,
+    MAGIC_CHECKPOINT,
+};
+use crate::bdev::spec::DeviceSpec;
+use crate::bdev::{BlockDevice, ChannelOptions, IoKind};
+use crate::frame;
+use crate::volume::allocator::TierAllocator;
+use crate::volume::extent_map::Location;
+
+/// Magic of the extended checkpoint frame.
+pub const MAGIC_CHECKPOINT_EXT: u32 = u32::from_le_bytes(*b"KLNX");
+
+/// A tier added at run time, as journaled.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RuntimeTier {
+    pub index: u8,
+    pub name: String,
+    /// The device spec it was opened from (reopened by recovery).
+    pub device: String,
+    pub capacity_bytes: u64,
+}
+
+/// How a whole-volume move runs (kept so a resumed move runs the same way).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct MoveParams {
+    /// 0 naive, 1 fixed, 2 adaptive.
+    pub mode: u8,
+    /// Copy rate cap in MiB/s; 0: none.
+    pub rate_mib_s: u64,
+    pub chunk_min_bytes: u64,
+    pub chunk_max_bytes: u64,
+    /// The fixed mode's chunk size.
+    pub chunk_bytes: u64,
+}
+
+/// A whole-volume move as journaled.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeMoveState {
+    pub volume: String,
+    pub to_tier: u8,
+    pub params: MoveParams,
+    pub done: bool,
+}
+
+/// The checkpoint when runtime tiers or moves exist (frame magic `KLNX`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct CheckpointExt {
+    volumes: Vec<VolumeImage>,
+    tiers: Vec<RuntimeTier>,
+    moves: Vec<VolumeMoveState>,
+}
+
+/// A runtime tier with its opened device, handed to the server.
+#[derive(Clone)]
+pub struct RuntimeTierOpen {
+    pub tier: RuntimeTier,
+    pub device: Arc<dyn BlockDevice>,
+    pub usage: Arc<TierUsage>,
+}
+
+impl std::fmt::Debug for RuntimeTierOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeTierOpen")
+            .field("tier", &self.tier)
+            .finish()
+    }
+}
+
+/// Opens a runtime tier's device. At recovery (`must_exist`) a file that is gone
+/// is an error, never silently re-created empty.
+fn open_device(
+    spec_text: &str,
+    capacity_bytes: u64,
+    must_exist: bool,
+) -> Result<(Arc<dyn BlockDevice>, u64), String> {
+    let spec = DeviceSpec::parse(spec_text).map_err(|e| e.to_string())?;
+    if let (true, Some(path)) = (must_exist, spec.backing_file()) {
+        if !path.exists() {
+            return Err(format!(
+                "runtime tier device {spec_text}: its file {} is missing",
+                path.display()
+            ));
+        }
+    }
+    let dev = spec.open().map_err(|e| format!("{spec_text}: {e}"))?;
+    let info = dev.info();
+    if !info.persistent {
+        return Err(format!("{spec_text}: the device does not store data"));
+    }
+    let size = info.size_bytes();
+    let capacity = if capacity_bytes == 0 {
+        size
+    } else {
+        capacity_bytes
+    };
+    if capacity > size || capacity < GRANULE_BYTES {
+        return Err(format!(
+            "{spec_text}: capacity {capacity} does not fit the device ({size} bytes)"
+        ));
+    }
+    Ok((dev, capacity - capacity % GRANULE_BYTES))
+}
+
+impl MetaService {
+    /// Installs a runtime tier: device, metadata channel, allocator, published state.
+    fn install_tier(
+        &mut self,
+        tier: RuntimeTier,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<RuntimeTierOpen, String> {
+        if tier.index as usize != self.tiers.len() {
+            return Err(format!(
+                "runtime tier '{}' has index {} but {} tiers exist",
+                tier.name,
+                tier.index,
+                self.tiers.len()
+            ));
+        }
+        let chan = device
+            .open_channel(&ChannelOptions {
+                queue_depth: 4,
+                pool: None,
+            })
+            .map_err(|e| format!("tier '{}': {e}", tier.name))?;
+        let usage = Arc::new(TierUsage::default());
+        self.tiers.push(MetaTier {
+            name: tier.name.clone(),
+            device: device.clone(),
+            capacity_bytes: tier.capacity_bytes,
+            usage: usage.clone(),
+        });
+        self.chans.push(chan);
+        self.allocators
+            .push(TierAllocator::new(0, tier.capacity_bytes / GRANULE_BYTES));
+        let open = RuntimeTierOpen {
+            tier,
+            device,
+            usage,
+        };
+        self.state.runtime_tiers.push(open.clone());
+        Ok(open)
+    }
+
+    /// Opens `device`, journals it as a new tier, then installs it.
+    pub(super) fn add_tier(
+        &mut self,
+        name: &str,
+        device: &str,
+        capacity_bytes: u64,
+    ) -> Result<RuntimeTierOpen, String> {
+        if name.is_empty() || self.tiers.iter().any(|t| t.name == name) {
+            return Err(format!("tier name '{name}' is empty or already used"));
+        }
+        if self.tiers.len() >= u8::MAX as usize {
+            return Err("no more tiers can be added (255 at most)".into());
+        }
+        let (dev, capacity) = open_device(device, capacity_bytes, false)?;
+        let tier = RuntimeTier {
+            index: self.tiers.len() as u8,
+            name: name.to_string(),
+            device: device.to_string(),
+            capacity_bytes: capacity,
+        };
+        // Durable before anything can be mapped onto it.
+        self.commit(&[Record::AddTier {
+            index: tier.index,
+            name: tier.name.clone(),
+            device: tier.device.clone(),
+            capacity_bytes: tier.capacity_bytes,
+        }])?;
+        let open = self.install_tier(tier, dev)?;
+        self.publish_usage();
+        tracing::info!(tier = %name, index = open.tier.index, %device, "tier added");
+        Ok(open)
+    }
+
+    /// Journals the start or the end of a whole-volume move.
+    pub(super) fn volume_move(
+        &mut self,
+        volume: usize,
+        to_tier: u8,
+        params: MoveParams,
+        done: bool,
+    ) -> Result<(), String> {
+        if to_tier as usize >= self.tiers.len() {
+            return Err(format!("tier {to_tier} does not exist"));
+        }
+        let name = self.volumes[volume].name.clone();
+        let rec = if done {
+            Record::VolumeMoveDone {
+                volume: name,
+                to_tier,
+            }
+        } else {
+            Record::VolumeMoveStart {
+                volume: name,
+                to_tier,
+                params,
+            }
+        };
+        self.commit(std::slice::from_ref(&rec))?;
+        self.apply_runtime(&rec, false)
+    }
+
+    /// Applies `AddTier`, `VolumeMoveStart` and `VolumeMoveDone` (live or at replay).
+    pub(super) fn apply_runtime(&mut self, rec: &Record, replay: bool) -> Result<(), String> {
+        match rec {
+            Record::AddTier {
+                index,
+                name,
+                device,
+                capacity_bytes,
+            } => {
+                if !replay {
+                    // Live, `add_tier` installs the device it opened and validated.
+                    return Ok(());
+                }
+                let (dev, _) = open_device(device, *capacity_bytes, true)?;
+                self.install_tier(
+                    RuntimeTier {
+                        index: *index,
+                        name: name.clone(),
+                        device: device.clone(),
+                        capacity_bytes: *capacity_bytes,
+                    },
+                    dev,
+                )?;
+            }
+            Record::VolumeMoveStart {
+                volume,
+                to_tier,
+                params,
+            } => {
+                if *to_tier as usize >= self.tiers.len() {
+                    return Err(format!(
+                        "volume move names tier {to_tier}, which does not exist"
+                    ));
+                }
+                let moves = &mut self.state.moves;
+                moves.retain(|m| m.volume != *volume);
+                moves.push(VolumeMoveState {
+                    volume: volume.clone(),
+                    to_tier: *to_tier,
+                    params: *params,
+                    done: false,
+                });
+            }
+            Record::VolumeMoveDone { volume, to_tier } => {
+                match self
+                    .state
+                    .moves
+                    .iter_mut()
+                    .find(|m| m.volume == *volume && m.to_tier == *to_tier)
+                {
+                    Some(m) => m.done = true,
+                    None if replay => {}
+                    None => return Err(format!("volume '{volume}' has no move to tier {to_tier}")),
+                }
+            }
+            Record::Map { .. } | Record::Unmap { .. } => unreachable!("not a runtime record"),
+        }
+        Ok(())
+    }
+
+    /// Where new chunks of a volume go: its move's destination first (a moving or
+    /// moved volume grows on its new device), then the fastest tier with room.
+    pub(super) fn place_for(&mut self, volume: usize, granules: u64) -> Option<(u8, u64)> {
+        let name = &self.volumes[volume].name;
+        if let Some(m) = self.state.moves.iter().find(|m| m.volume == *name) {
+            let t = m.to_tier as usize;
+            if let Some(phys) = self.allocators[t].alloc(granules, granules.min(16)) {
+                return Some((m.to_tier, phys));
+            }
+        }
+        self.place(granules)
+    }
+
+    /// Journals and applies several switches of one volume in one commit. Fails
+    /// (changing nothing) if any granule no longer points where its copy came from.
+    pub(super) fn switch_many(
+        &mut self,
+        volume: usize,
+        runs: &[(u64, u64, Location, Location)],
+    ) -> Result<(), String> {
+        let v = self.volumes[volume].clone();
+        let mut records = Vec::with_capacity(runs.len());
+        for &(first, count, from, to) in runs {
+            for i in 0..count {
+                let expected = Location {
+                    tier: from.tier,
+                    phys_granule: from.phys_granule + i,
+                };
+                if v.map.get(first + i) != Some(expected) {
+                    return Err(format!(
+                        "granule {} of '{}' moved during the copy",
+                        first + i,
+                        v.name
+                    ));
+                }
+            }
+            records.push(Record::Map {
+                volume: v.name.clone(),
+                first_granule: first,
+                count,
+                tier: to.tier,
+                phys_granule: to.phys_granule,
+            });
+        }
+        self.commit(&records)?;
+        for r in &records {
+            self.apply(r, false)?;
+        }
+        self.publish_usage();
+        Ok(())
+    }
+
+    /// Trims every free range of a tier. The service is single-threaded, so no
+    /// allocation can race with it; a granule freed here was unmapped by a durable record.
+    pub(super) fn trim_free(&mut self, tier: u8) -> Result<u64, String> {
+        let t = tier as usize;
+        if t >= self.tiers.len() {
+            return Err(format!("tier {tier} does not exist"));
+        }
+        let ranges = self.allocators[t].free_ranges();
+        let mut trimmed = 0u64;
+        // A trim's length is a u32: 1 GiB pieces.
+        let piece = 1u64 << 30;
+        for (start, count) in ranges {
+            let (mut off, end) = (start * GRANULE_BYTES, (start + count) * GRANULE_BYTES);
+            while off < end {
+                let len = (end - off).min(piece);
+                self.sync(t, IoKind::Trim, off, len, false)?;
+                off += len;
+                trimmed += len;
+            }
+        }
+        tracing::info!(tier = %self.tiers[t].name, trimmed, "free space of the tier trimmed");
+        Ok(trimmed)
+    }
+
+    /// Decodes the checkpoint frame in either form, installing runtime tiers and moves.
+    pub(super) fn decode_checkpoint(&mut self, raw: &[u8]) -> Result<(u64, Checkpoint), String> {
+        if raw.len() >= 4 && raw[..4] == MAGIC_CHECKPOINT_EXT.to_le_bytes() {
+            let (seq, ext, _) = frame::decode::<CheckpointExt>(MAGIC_CHECKPOINT_EXT, raw)
+                .map_err(|e| e.to_string())?;
+            for t in ext.tiers {
+                let (dev, _) = open_device(&t.device, t.capacity_bytes, true)?;
+                self.install_tier(t, dev)?;
+            }
+            self.state.moves = ext.moves;
+            return Ok((
+                seq,
+                Checkpoint {
+                    volumes: ext.volumes,
+                },
+            ));
+        }
+        let (seq, ckpt, _) =
+            frame::decode::<Checkpoint>(MAGIC_CHECKPOINT, raw).map_err(|e| e.to_string())?;
+        Ok((seq, ckpt))
+    }
+
+    /// Encodes the checkpoint: the original form unless runtime state exists.
+    pub(super) fn encode_checkpoint(&self, seq: u64, volumes: Vec<VolumeImage>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        if self.state.runtime_tiers.is_empty() && self.state.moves.is_empty() {
+            frame::encode(MAGIC_CHECKPOINT, seq, &Checkpoint { volumes }, &mut bytes);
+        } else {
+            let ext = CheckpointExt {
+                volumes,
+                tiers: self
+                    .state
+                    .runtime_tiers
+                    .iter()
+                    .map(|t| t.tier.clone())
+                    .collect(),
+                moves: self.state.moves.clone(),
+            };
+            frame::encode(MAGIC_CHECKPOINT_EXT, seq, &ext, &mut bytes);
+            // Assert metadata before it is written: it must decode to what we meant.
+            assert!(frame::decode::<CheckpointExt>(MAGIC_CHECKPOINT_EXT, &bytes)
+                .is_ok_and(|(s, e, _)| s == seq && e == ext));
+        }
+        bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Old records keep their postcard tags: a format-1 `Map` encodes as it always did.
+    #[test]
+    fn old_record_tags_are_unchanged() {
+        let map = Record::Map {
+            volume: "v".into(),
+            first_granule: 1,
+            count: 2,
+            tier: 3,
+            phys_granule: 4,
+        };
+        let bytes = postcard::to_allocvec(&map).unwrap();
+        assert_eq!(bytes, [0, 1, b'v', 1, 2, 3, 4]);
+        let unmap = Record::Unmap {
+            volume: "v".into(),
+            first_granule: 1,
+            count: 2,
+        };
+        assert_eq!(postcard::to_allocvec(&unmap).unwrap()[0], 1);
+        let add = Record::AddTier {
+            index: 2,
+            name: "d".into(),
+            device: "malloc:1MiB".into(),
+            capacity_bytes: 0,
+        };
+        let b = postcard::to_allocvec(&add).unwrap();
+        assert_eq!(b[0], 2);
+        assert_eq!(postcard::from_bytes::<Record>(&b).unwrap(), add);
+    }
+}
