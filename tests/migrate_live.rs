@@ -270,6 +270,9 @@ fn crash_trial(n: usize, delay_ms: u64, fio_seed: u64) -> Option<String> {
                 "--verify_only",
                 "--verify_state_load=1",
                 "--verify_state_save=0",
+                // A write in flight at the kill may hold old data; keep verifying past it so
+                // every acknowledged block is checked.
+                "--continue_on_error=verify",
                 &seed,
             ],
         ),

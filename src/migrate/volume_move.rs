@@ -576,24 +576,8 @@ impl Orchestrator<'_> {
 
     /// The physically contiguous runs of `[first, first+count)` not yet on the destination.
     fn runs_of(&self, first: u64, count: u64) -> Vec<(u64, u64, Location)> {
-        let vol = self.migrator.volume(self.job.volume);
-        let mut runs: Vec<(u64, u64, Location)> = Vec::new();
-        for g in first..first + count {
-            let Some(l) = vol.map.get(g).filter(|l| l.tier != self.job.to_tier) else {
-                continue;
-            };
-            match runs.last_mut() {
-                Some(r)
-                    if r.0 + r.1 == g
-                        && r.2.tier == l.tier
-                        && r.2.phys_granule + r.1 == l.phys_granule =>
-                {
-                    r.1 += 1
-                }
-                _ => runs.push((g, 1, l)),
-            }
-        }
-        runs
+        self.migrator
+            .runs_to_move(self.job.volume, first, count, self.job.to_tier)
     }
 
     /// Takes up to `HOT_PER_SWEEP` hot chunks from the prefetch queue and moves them in
@@ -943,12 +927,41 @@ pub fn rpc_volume_migrate(ctx: &MoveRpc<'_>, params: &Value) -> Result<Value, St
 }
 
 impl Migrator {
+    /// The mapped granules of `[first, first + count)` not already on `to_tier`, as runs
+    /// that are contiguous both in the volume and on their source tier.
+    pub(crate) fn runs_to_move(
+        &self,
+        volume: usize,
+        first: u64,
+        count: u64,
+        to_tier: u8,
+    ) -> Vec<(u64, u64, Location)> {
+        let vol = self.volume(volume);
+        let mut runs: Vec<(u64, u64, Location)> = Vec::new();
+        for g in first..first + count {
+            let Some(l) = vol.map.get(g).filter(|l| l.tier != to_tier) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some(r)
+                    if r.0 + r.1 == g
+                        && r.2.tier == l.tier
+                        && r.2.phys_granule + r.1 == l.phys_granule =>
+                {
+                    r.1 += 1
+                }
+                _ => runs.push((g, 1, l)),
+            }
+        }
+        runs
+    }
+
     /// Moves several small runs (each physically contiguous on one source tier) in
     /// one round of the engine's protocol: lock all, one grace period, copy and
     /// read back through DMA buffers, crc32c compare, shadow, one journal commit
     /// switching all of them (`SwitchMany`), grace, clear, grace, release. All or
     /// nothing: on any failure no run is switched and the reservation is released.
-    fn migrate_batch(
+    pub(crate) fn migrate_batch(
         &mut self,
         volume: usize,
         runs: &[(u64, u64, Location)],

@@ -16,6 +16,11 @@
 
 pub mod planner;
 
+/// Most moves in one batch (one lock/grace round, one journal commit).
+const BATCH_MOVES_MAX: usize = 64;
+/// Most bytes in one batch, so a batch never holds foreground writes for long.
+const BATCH_BYTES_MAX: u64 = 4 << 20;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -387,30 +392,78 @@ fn run(
             queued.iter().map(|m| m.count * params.granule_bytes).sum(),
             Ordering::Relaxed,
         );
-        // 4. Migrate, most urgent first, until the window is over.
-        for m in queued {
+        // 4. Migrate, most urgent first, until the window is over. Consecutive small
+        //    moves to the same tier go as one batch: one lock and grace round and one
+        //    journal commit for all of them, instead of one each.
+        let mut i = 0;
+        while i < queued.len() {
             if shared.stop.load(Ordering::Relaxed) || shared.paused.load(Ordering::Relaxed) {
                 break;
             }
-            shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let head = &queued[i];
+            let mut end = i + 1;
+            let mut bytes = head.count * params.granule_bytes;
+            while end < queued.len()
+                && end - i < BATCH_MOVES_MAX
+                && queued[end].volume == head.volume
+                && queued[end].to_tier == head.to_tier
+                && bytes + queued[end].count * params.granule_bytes <= BATCH_BYTES_MAX
+            {
+                bytes += queued[end].count * params.granule_bytes;
+                end += 1;
+            }
+            let batch = &queued[i..end];
+            i = end;
+            shared
+                .stats
+                .queued
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
             shared
                 .stats
                 .queued_bytes
-                .fetch_sub(m.count * params.granule_bytes, Ordering::Relaxed);
-            match migrator.migrate(m.volume, m.first_granule, m.count, m.to_tier) {
-                Ok(_) => states[m.volume].moved(m.first_granule, m.count, window),
-                Err(e) => {
-                    tracing::warn!(
-                        "migration of {}+{} to tier {} failed: {e}",
-                        m.first_granule,
-                        m.count,
-                        m.to_tier
-                    );
-                    // A full tier or a failing device: stop this window's plan.
-                    break;
+                .fetch_sub(bytes, Ordering::Relaxed);
+            if batch.len() > 1 {
+                let runs: Vec<_> = batch
+                    .iter()
+                    .flat_map(|m| {
+                        migrator.runs_to_move(m.volume, m.first_granule, m.count, m.to_tier)
+                    })
+                    .collect();
+                let moved = runs.is_empty()
+                    || migrator
+                        .migrate_batch(head.volume, &runs, head.to_tier)
+                        .map_err(|e| tracing::debug!("batch of {} moves: {e}", batch.len()))
+                        .is_ok();
+                if moved {
+                    for m in batch {
+                        states[m.volume].moved(m.first_granule, m.count, window);
+                    }
+                    if Instant::now() > next + interval {
+                        break;
+                    }
+                    continue;
                 }
             }
-            if Instant::now() > next + interval {
+            // One at a time (a single move, or a batch that failed as a whole: the
+            // one-by-one path halves a move that finds no contiguous room).
+            let mut failed = false;
+            for m in batch {
+                match migrator.migrate(m.volume, m.first_granule, m.count, m.to_tier) {
+                    Ok(_) => states[m.volume].moved(m.first_granule, m.count, window),
+                    Err(e) => {
+                        tracing::warn!(
+                            "migration of {}+{} to tier {} failed: {e}",
+                            m.first_granule,
+                            m.count,
+                            m.to_tier
+                        );
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            // A full tier or a failing device: stop this window's plan.
+            if failed || Instant::now() > next + interval {
                 break;
             }
         }
