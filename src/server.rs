@@ -90,8 +90,9 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
             "kiln_get_version", "rpc_get_methods", "bdev_get_bdevs", "volume_list", "volume_get_map",
             "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
             "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
-            "volume_get_heatmap"
+            "volume_get_heatmap", "tier_gc", "policy_force_tier"
         ])),
+        "tier_gc" | "policy_force_tier" => crate::object_rpc::handle(shared, method, &params),
         "bdev_get_bdevs" => Ok(Value::Array(
             shared
                 .tiers
@@ -156,15 +157,20 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .tiers
                 .iter()
                 .zip(&shared.usage)
-                .map(|(t, u)| {
-                    json!({
-                        "name": t.name, "device": t.device,
+                .enumerate()
+                .map(|(i, (t, u))| {
+                    let mut v = json!({
+                        "name": t.name,
                         "capacity_bytes": u.capacity_bytes.load(Ordering::Relaxed),
                         "used_bytes": u.used_bytes.load(Ordering::Relaxed),
                         "cost_per_gib_month": t.cost_per_gib_month,
                         "read_latency_us": t.read_latency_us, "write_latency_us": t.write_latency_us,
                         "bandwidth_mib_s": t.bandwidth_mib_s,
-                    })
+                    });
+                    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), crate::object_rpc::tier_fields(shared, i)) {
+                        v.extend(extra);
+                    }
+                    v
                 })
                 .collect(),
         )),
@@ -347,6 +353,9 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                 crate::units::format_size(dev.info().size_bytes())
             ));
         }
+        if let Some(o) = dev.object_tier() {
+            o.set_tier_name(&t.name);
+        }
         tiers.push((t.name.clone(), dev));
     }
     if args.check {
@@ -428,6 +437,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     let live = Arc::new(AtomicUsize::new(0));
     let epochs = Arc::new(Epochs::new(reactors.handles.len()));
     let (samplers, mut recorders) = crate::policy::heat_samplers(&volumes, reactors.handles.len());
+    // Writes to object-resident data wait for the policy thread to promote it.
+    let (promote_tx, promote_rx) = crossbeam_channel::unbounded();
     let mut inboxes = Vec::new();
     for (ri, h) in reactors.handles.iter().enumerate() {
         let (ep, recs) = (epochs.clone(), std::mem::take(&mut recorders[ri]));
@@ -443,11 +454,13 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             metrics.clone(),
         );
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
+        let ptx = promote_tx.clone();
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
             match VolumeIo::new(vols, &tiers_c, &r.pool, &m, slab, meta, Some(handle)) {
                 Ok(mut io) => {
                     io.set_epochs(ep, ri);
+                    io.set_promoter(ptx);
                     for (vi, rec) in recs.into_iter().enumerate() {
                         io.set_heat(vi, rec);
                     }
@@ -478,17 +491,22 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     // The policy loop and its migration engine.
     let settings = Arc::new(MigrationSettings::default());
     let mstats = Arc::new(MigrationStats::default());
+    let tiers_for_plan = &tiers;
     let plan_tiers: Vec<PlanTier> = plan
         .tiers
         .iter()
         .zip(&usage)
-        .map(|(t, u)| PlanTier {
+        .enumerate()
+        .map(|(i, (t, u))| PlanTier {
             name: t.name.clone(),
             read_latency_us: t.read_latency_us,
             write_latency_us: t.write_latency_us,
             bandwidth_mib_s: t.bandwidth_mib_s,
             cost_per_gib_month: t.cost_per_gib_month,
             usage: u.clone(),
+            cost_per_1k_get: t.cost_per_1k_get,
+            cost_per_1k_put: t.cost_per_1k_put,
+            object: tiers_for_plan[i].1.object_tier(),
         })
         .collect();
     let mtiers: Vec<MigrateTier> = plan
@@ -508,7 +526,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         settings.clone(),
         mstats.clone(),
     );
-    let mut policy = crate::policy::start(
+    let mut policy = crate::policy::start_with_objects(
         plan.policy.clone(),
         volumes.clone(),
         plan_tiers,
@@ -516,6 +534,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         settings,
         mstats,
         move || Migrator::new(v2, mtiers, m2, e2, s2, st2),
+        Some(promote_rx),
     )?;
     tracing::info!(policy = ?plan.policy.policy, interval_ms = plan.policy.interval_ms, "policy loop started");
     let shared = Arc::new(Shared {
@@ -564,6 +583,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                         u.capacity_bytes.load(Ordering::Relaxed),
                         u.used_bytes.load(Ordering::Relaxed),
                     );
+                }
+                for (name, d) in &s3.tiers {
+                    if let Some(o) = d.object_tier() {
+                        m2.set_tier_degraded(name, o.is_degraded());
+                    }
                 }
                 conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);
                 std::thread::sleep(Duration::from_millis(500));

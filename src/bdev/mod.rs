@@ -8,13 +8,15 @@
 //! with its own `u64`, calls [`IoChannel::submit_pending`] once per poll, and
 //! reaps [`Completion`]s in batches.
 //!
-//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`.
+//! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`,
+//! `object` (S3-compatible object storage, the cold tier).
 //! [`spec`] parses the device-spec grammar shared by the CLI, config and RPC.
 
 pub mod delay;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod object;
 pub mod spec;
 pub mod uring;
 
@@ -250,6 +252,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// Opens this reactor's queue on the device.
     fn open_channel(&self, opts: &ChannelOptions<'_>) -> Result<Box<dyn IoChannel>, DeviceError>;
+
+    /// For an object-storage tier, its shared state (uploads, deletes, health).
+    /// Such a tier only serves reads through channels: see [`object`].
+    fn object_tier(&self) -> Option<Arc<object::ObjectTier>> {
+        None
+    }
 }
 
 /// One reactor's queue on a device. Not shared between threads.

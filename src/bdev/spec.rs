@@ -8,6 +8,8 @@
 //! delay:READ_US,WRITE_US,MIB_S:INNER      adds latency and a bandwidth cap (0 = no cap)
 //! error:RATE,SEED[,mode=eio|torn|corrupt][,lba=FIRST-LAST]:INNER
 //!                                         injects faults with probability RATE
+//! s3://BUCKET/PREFIX[?endpoint=URL][&region=R]
+//!                                         S3-compatible object storage (cold tier only)
 //! ```
 //! SIZE reads like `4GiB`, `512M` or `4096`. INNER is any spec, so wrappers nest.
 
@@ -57,6 +59,7 @@ pub enum DeviceSpec {
         lba_range: Option<(u64, u64)>,
         inner: Box<DeviceSpec>,
     },
+    Object(super::object::ObjectSpec),
 }
 
 fn bad(spec: &str, why: impl std::fmt::Display) -> DeviceError {
@@ -81,10 +84,13 @@ impl DeviceSpec {
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 text,
-                "expected KIND:ARGS, where KIND is null, malloc, file, delay or error",
+                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error or s3",
             )
         })?;
         match kind {
+            "s3" => Ok(DeviceSpec::Object(
+                super::object::ObjectSpec::parse(rest).map_err(|e| bad(text, e))?,
+            )),
             "null" | "malloc" => {
                 let size_bytes = parse_size(rest).map_err(|e| bad(text, e))?;
                 if size_bytes == 0 || size_bytes % 4096 != 0 {
@@ -247,7 +253,7 @@ impl DeviceSpec {
             }
             _ => Err(bad(
                 text,
-                format!("unknown device kind '{kind}' (null, malloc, file, delay, error)"),
+                format!("unknown device kind '{kind}' (null, malloc, file, delay, error, s3)"),
             )),
         }
     }
@@ -302,7 +308,16 @@ impl DeviceSpec {
                 *mode,
                 *lba_range,
             )),
+            DeviceSpec::Object(o) => Arc::new(super::object::ObjectDevice::open(o)?),
         })
+    }
+
+    /// The spec as it may be shown (secrets redacted), or the text itself if it does not parse.
+    pub fn redacted(text: &str) -> String {
+        match DeviceSpec::parse(text) {
+            Ok(DeviceSpec::Object(o)) => o.to_string(),
+            _ => text.to_string(),
+        }
     }
 
     /// The file behind this spec, if any (for wrappers, the innermost).
@@ -335,6 +350,7 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Error {
                 rate, seed, inner, ..
             } => write!(f, "error:{rate},{seed}:{inner}"),
+            DeviceSpec::Object(o) => write!(f, "{o}"),
         }
     }
 }

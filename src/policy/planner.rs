@@ -448,5 +448,91 @@ pub fn plan(
             deadline_ms: 1000.0 / rate.max(1e-3),
         });
     }
+    if p.kind == PolicyKind::Kiln {
+        moves.extend(cold_moves(vi, vol, st, tiers, p, window, budget));
+    }
+    moves
+}
+
+/// Windows over which cold placement is judged (a day of 1 s windows):
+/// data sits on an object tier for a long time, so its capacity saving is
+/// counted over a longer horizon than a promotion's benefit.
+pub const COLD_HORIZON_WINDOWS: f64 = 86_400.0;
+
+/// The dollar cost per window-horizon of keeping a partition on tier `t`
+/// rather than not at all: capacity, the requests its predicted accesses
+/// make (one GET each, one PUT per object to put it there), the latency of
+/// those accesses, and the copy to get it there. Shared by the cold pass.
+pub fn placement_cost(
+    tier: &PlanTier,
+    src: &PlanTier,
+    bytes: f64,
+    accesses: f64,
+    objects: f64,
+) -> f64 {
+    let months = COLD_HORIZON_WINDOWS / (30.0 * 24.0 * 3600.0);
+    let capacity = tier.cost_per_gib_month * bytes / (1u64 << 30) as f64 * months;
+    let requests =
+        accesses * tier.cost_per_1k_get / 1000.0 + objects * tier.cost_per_1k_put / 1000.0;
+    let latency_us = accesses * tier.read_latency_us as f64;
+    let bw = tier.bandwidth_mib_s.min(src.bandwidth_mib_s).max(1) as f64 * (1 << 20) as f64;
+    let copy_us = if std::ptr::eq(tier, src) {
+        0.0
+    } else {
+        bytes / bw * 1e6
+    };
+    capacity + requests + (latency_us + copy_us) / DOLLAR_US
+}
+
+/// Demotions to object tiers that pay: the partition costs less there over
+/// [`COLD_HORIZON_WINDOWS`] than where it is, counting request prices and
+/// latency as well as capacity. A degraded object tier takes nothing.
+fn cold_moves(
+    vi: usize,
+    vol: &Volume,
+    st: &VolumeState,
+    tiers: &[PlanTier],
+    p: &Params,
+    window: u64,
+    mut budget: f64,
+) -> Vec<Move> {
+    let g = p.granule_bytes;
+    let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+    let mut moves = Vec::new();
+    for part in &st.parts {
+        let Some(from) = VolumeState::tier_of(vol, part.first, part.count) else {
+            continue;
+        };
+        let src = &tiers[from as usize];
+        if src.object.is_some() || window < part.moved_window + p.min_residence_windows {
+            continue;
+        }
+        let bytes = (part.count * g) as f64;
+        let accesses = st.heat(part.first, part.count) * COLD_HORIZON_WINDOWS;
+        let stay = placement_cost(src, src, bytes, accesses, 0.0);
+        let best = tiers
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.object.as_ref().is_some_and(|o| !o.is_degraded()))
+            .map(|(i, t)| {
+                let objects = part.count.div_ceil(span) as f64;
+                (i, placement_cost(t, src, bytes, accesses, objects))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((to, cost)) = best {
+            if cost < stay && bytes <= budget {
+                budget -= bytes;
+                moves.push(Move {
+                    volume: vi,
+                    first_granule: part.first,
+                    count: part.count,
+                    from_tier: from,
+                    to_tier: to as u8,
+                    priority: 0.0,
+                    deadline_ms: 0.0,
+                });
+            }
+        }
+    }
     moves
 }
