@@ -474,8 +474,12 @@ impl ObjectDevice {
     pub fn open(spec: &ObjectSpec) -> Result<ObjectDevice, DeviceError> {
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&spec.bucket);
         if let Some(e) = &spec.endpoint {
-            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+            b = b.with_endpoint(e);
         }
+        let allow_http = spec
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
         let region = spec
             .region
             .clone()
@@ -498,7 +502,9 @@ impl ObjectDevice {
             max_retries: spec.retries as usize,
             retry_timeout: Duration::from_millis(spec.timeout_ms * (spec.retries + 1)),
         };
+        // (Client options replace the builder's: allow_http belongs here.)
         let opts = object_store::ClientOptions::new()
+            .with_allow_http(allow_http)
             .with_connect_timeout(Duration::from_millis(spec.timeout_ms.min(2000)))
             .with_timeout(Duration::from_millis(spec.timeout_ms));
         let store: Arc<dyn ObjectStore> = Arc::new(
