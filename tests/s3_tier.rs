@@ -119,7 +119,14 @@ fn tools() -> bool {
 }
 
 /// Three tiers: the test harness's fast and capacity files, then the bucket.
-fn opts(s3: &S3Server, prefix: &str, fast: &'static str, volume: &'static str) -> Opts {
+/// `timeout_ms`: per S3 request (short where the test stops the server on purpose).
+fn opts(
+    s3: &S3Server,
+    prefix: &str,
+    fast: &'static str,
+    volume: &'static str,
+    timeout_ms: u64,
+) -> Opts {
     let mut o = Opts {
         fast,
         capacity: "512MiB",
@@ -134,7 +141,7 @@ interval_ms = 200
 
 [[tier]]
 name = "cold"
-device = "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1&timeout_ms=1000&retries=2&access_key_id=test&secret_access_key={SECRET}"
+device = "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1&timeout_ms={timeout_ms}&retries=2&access_key_id=test&secret_access_key={SECRET}"
 capacity = "64GiB"
 cost_per_gib_month = 0.004
 cost_per_1k_get = 0.0004
@@ -239,7 +246,7 @@ fn demoted_volume_reads_back_from_s3_and_gc_keeps_only_named_generations() {
     let scratch = TempDir::new("s3-int-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "int";
-    let k = Kiln::start("s3-int", opts(&s3, prefix, "128MiB", "256MiB"));
+    let k = Kiln::start("s3-int", opts(&s3, prefix, "128MiB", "256MiB", 20_000));
     // Credentials never show.
     let tl = k.rpc("tier_list", None).to_string();
     assert!(!tl.contains(SECRET) && tl.contains("<redacted>"), "{tl}");
@@ -362,7 +369,7 @@ fn kill9_during_demotion_loses_nothing_and_gc_deletes_the_orphans() {
     let scratch = TempDir::new("s3-crash-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "crash";
-    let mut k = Kiln::start("s3-crash", opts(&s3, prefix, "128MiB", "128MiB"));
+    let mut k = Kiln::start("s3-crash", opts(&s3, prefix, "128MiB", "128MiB", 20_000));
     let write = fio_job(&k, "all", "randwrite", "0", "128m", &["--do_verify=0"]);
     run_clean(&k, &write, "write");
     k.rpc(
@@ -416,7 +423,7 @@ fn stopped_s3_fails_cold_reads_with_eio_and_recovers() {
     let scratch = TempDir::new("s3-deg-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "deg";
-    let k = Kiln::start("s3-deg", opts(&s3, prefix, "128MiB", "64MiB"));
+    let k = Kiln::start("s3-deg", opts(&s3, prefix, "128MiB", "64MiB", 3000));
     let cold_job = fio_job(&k, "coldpart", "randwrite", "0", "32m", &["--do_verify=0"]);
     run_clean(&k, &cold_job, "write cold part");
     k.rpc("policy_force_tier", Some(r#"{"tier":"cold","wait":true}"#));
