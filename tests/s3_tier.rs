@@ -372,43 +372,61 @@ fn kill9_during_demotion_loses_nothing_and_gc_deletes_the_orphans() {
     let mut k = Kiln::start("s3-crash", opts(&s3, prefix, "128MiB", "128MiB", 20_000));
     let write = fio_job(&k, "all", "randwrite", "0", "128m", &["--do_verify=0"]);
     run_clean(&k, &write, "write");
-    k.rpc(
-        "policy_force_tier",
-        Some(r#"{"tier":"cold","object_size":"4MiB"}"#),
-    );
-    // Kill while demotions are under way: some done, one in flight.
-    let t0 = Instant::now();
-    loop {
-        let st = k.rpc("migration_get_status", None);
-        if st["demotions"].as_u64().unwrap() >= 5 && st["in_flight"].as_u64().unwrap() == 1 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no demotion in flight: {st}"
+    // Three rounds: start (or resume) the forced demotion, kill -9 while an object is in
+    // flight a few ms after it started (so some kills land after its upload, before its
+    // switch), restart, check.
+    let mut orphans_total = 0;
+    let mut named = BTreeSet::new();
+    for (round, delay_ms) in [(0u64, 0u64), (1, 25), (2, 60)] {
+        k.rpc(
+            "policy_force_tier",
+            Some(r#"{"tier":"cold","object_size":"4MiB"}"#),
         );
-        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        loop {
+            let st = k.rpc("migration_get_status", None);
+            if st["demotions"].as_u64().unwrap() >= 3 && st["in_flight"].as_u64().unwrap() == 1 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "round {round}: no demotion in flight: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        k.kill9();
+        let at_kill = key_gens(&s3.keys(prefix), prefix);
+        k.spawn();
+        let (now_named, all) = cold_gens(&k);
+        assert!(!all, "round {round}: the forced pass cannot have finished");
+        assert!(
+            now_named.len() >= named.len() + 3,
+            "round {round}: durable demotions lost: {now_named:?} after {named:?}"
+        );
+        named = now_named;
+        // Never a dangling map entry: every generation the map names is in the bucket.
+        assert!(
+            named.is_subset(&at_kill),
+            "round {round}: map names missing objects: {named:?} vs {at_kill:?}"
+        );
+        let verify = fio_job(&k, "all", "randwrite", "0", "128m", &["--verify_only"]);
+        let r = run_clean(&k, &verify, &format!("round {round}: verify after kill -9"));
+        assert_eq!(r.total_ios("read"), 2048);
+        // (Listed again now: a PUT the server received before the kill may have finished
+        // after it.)
+        let before_gc = key_gens(&s3.keys(prefix), prefix);
+        let orphans = before_gc.difference(&named).count() as u64;
+        let gc = k.rpc("tier_gc", Some(r#"{"tier":"cold"}"#));
+        assert_eq!(gc["deleted"].as_u64(), Some(orphans), "round {round}: {gc}");
+        assert_eq!(key_gens(&s3.keys(prefix), prefix), named, "round {round}");
+        eprintln!(
+            "crash round {round}: killed {delay_ms} ms into an upload; {} objects named, {orphans} orphans deleted by tier_gc",
+            named.len()
+        );
+        orphans_total += orphans;
     }
-    k.kill9();
-    let at_kill = key_gens(&s3.keys(prefix), prefix);
-    k.spawn();
-    let (named, all) = cold_gens(&k);
-    assert!(!all, "the forced pass cannot have finished");
-    assert!(named.len() >= 5, "durable demotions lost: {named:?}");
-    // Never a dangling map entry: every generation the map names is in the bucket.
-    assert!(
-        named.is_subset(&at_kill),
-        "map names missing objects: {named:?} vs {at_kill:?}"
-    );
-    let verify = fio_job(&k, "all", "randwrite", "0", "128m", &["--verify_only"]);
-    let r = run_clean(&k, &verify, "verify after kill -9");
-    assert_eq!(r.total_ios("read"), 2048);
-    // (Listed again now: a PUT the server received before the kill may have finished after.)
-    let before_gc = key_gens(&s3.keys(prefix), prefix);
-    let orphans = before_gc.difference(&named).count() as u64;
-    let gc = k.rpc("tier_gc", Some(r#"{"tier":"cold"}"#));
-    assert_eq!(gc["deleted"].as_u64(), Some(orphans), "{gc}");
-    assert_eq!(key_gens(&s3.keys(prefix), prefix), named);
+    let orphans = orphans_total;
     eprintln!(
         "crash: {} objects named, {orphans} orphans deleted by tier_gc",
         named.len()
