@@ -102,8 +102,8 @@ set +e
 fio "${WRITE[@]}" --verify_only --output-format=json >"$dir/verify.json" 2>"$dir/verify.err"
 vrc=$?
 set -e
-mism=$(grep -ci "verify.*bad\|crc32c.*wanted\|bad magic" "$dir/verify.err" "$dir/verify.json" | awk -F: '{s+=$2} END {print s+0}')
-objects=$(curl -s "http://127.0.0.1:$S3_PORT/bench?list-type=2&prefix=kiln/" | grep -o "<Key>" | wc -l)
+mism=$( (grep -ci "verify.*bad\|crc32c.*wanted\|bad magic" "$dir/verify.err" "$dir/verify.json" || true) | awk -F: '{s+=$2} END {print s+0}')
+objects=$( (curl -s "http://127.0.0.1:$S3_PORT/bench?list-type=2&prefix=kiln/" | grep -o "<Key>" || true) | wc -l)
 
 DIR=$dir T0=$t0 T1=$t1 SIZE_MIB=$SIZE_MIB VRC=$vrc MISM=$mism OBJECTS=$objects python3 - <<'EOF'
 import json, os, re
