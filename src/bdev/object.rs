@@ -54,7 +54,8 @@ pub const OBJECT_VERSION: u32 = 1;
 pub const MULTIPART_PART_BYTES: usize = 8 << 20;
 /// Failed requests in a row (after retries) that mark the tier degraded.
 pub const DEGRADE_AFTER_FAILURES: u64 = 3;
-/// The address space the tier pretends to have (2^63 bytes: generations up to 2^31).
+/// The address space the tier pretends to have (2^63 bytes: generations below 2^37,
+/// i.e. superblock generations below 2^23 with 14 counter bits).
 pub const DEVICE_BYTES: u64 = 1 << 63;
 const VOLUME_NAME_BYTES_MAX: usize = 64;
 const CRC_TABLE_OFFSET: usize = 112;
