@@ -24,6 +24,11 @@ pub struct TierConfig {
     pub read_latency_us: u64,
     pub write_latency_us: u64,
     pub bandwidth_mib_s: u64,
+    /// Request prices (object tiers): dollars per 1000 GETs and per 1000 PUTs.
+    #[serde(default)]
+    pub cost_per_1k_get: f64,
+    #[serde(default)]
+    pub cost_per_1k_put: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +214,8 @@ pub struct TierPlan {
     pub read_latency_us: u64,
     pub write_latency_us: u64,
     pub bandwidth_mib_s: u64,
+    pub cost_per_1k_get: f64,
+    pub cost_per_1k_put: f64,
 }
 
 /// A volume after validation.
@@ -296,6 +303,14 @@ impl Config {
                     format!("{} is not a non-negative number", t.cost_per_gib_month),
                 );
             }
+            for (k, v) in [
+                ("cost_per_1k_get", t.cost_per_1k_get),
+                ("cost_per_1k_put", t.cost_per_1k_put),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return err(key(k), format!("{v} is not a non-negative number"));
+                }
+            }
             if t.bandwidth_mib_s == 0 {
                 return err(key("bandwidth_mib_s"), "must be above zero".into());
             }
@@ -307,6 +322,8 @@ impl Config {
                 read_latency_us: t.read_latency_us,
                 write_latency_us: t.write_latency_us,
                 bandwidth_mib_s: t.bandwidth_mib_s,
+                cost_per_1k_get: t.cost_per_1k_get,
+                cost_per_1k_put: t.cost_per_1k_put,
             });
         }
         let mut volumes: Vec<VolumePlan> = Vec::new();

@@ -15,6 +15,7 @@ pub mod heat;
 pub mod heatmap;
 pub mod metrics;
 pub mod migrate;
+pub mod object_rpc;
 pub mod policy;
 pub mod predict;
 pub mod reactor;

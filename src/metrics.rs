@@ -303,6 +303,7 @@ pub struct Metrics {
     mirror_resync_done: Family<TierLabels, Gauge>,
     volume_size: Family<VolumeLabels, Gauge>,
     nbd_connections: Gauge,
+    tier_degraded: Family<TierLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -336,6 +337,7 @@ impl Metrics {
         let mirror_resync_done = Family::<TierLabels, Gauge>::default();
         let volume_size = Family::<VolumeLabels, Gauge>::default();
         let nbd_connections = Gauge::default();
+        let tier_degraded = Family::<TierLabels, Gauge>::default();
         let info = Family::<VersionLabels, Gauge>::default();
         info.get_or_create(&VersionLabels {
             version: Name(version.to_owned()),
@@ -402,6 +404,11 @@ impl Metrics {
             "Open NBD client connections",
             nbd_connections.clone(),
         );
+        r.register(
+            "kiln_tier_degraded",
+            "1 while an object tier is degraded (reads of its data fail; nothing is demoted to it)",
+            tier_degraded.clone(),
+        );
         r.register("kiln_info", "kiln build information (always 1)", info);
 
         Metrics {
@@ -418,7 +425,16 @@ impl Metrics {
             mirror_resync_done,
             volume_size,
             nbd_connections,
+            tier_degraded,
         }
+    }
+
+    /// Set `kiln_tier_degraded` for an object tier (periodic, not per I/O).
+    pub fn set_tier_degraded(&self, tier: &str, degraded: bool) {
+        let l = TierLabels {
+            tier: Name(tier.to_owned()),
+        };
+        self.tier_degraded.get_or_create(&l).set(degraded as i64);
     }
 
     /// Resolve the lock-free recording handle for `(volume, op)`. Call at setup, not per I/O.

@@ -104,12 +104,13 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 "volume_iostat", "tier_list", "journal_checkpoint", "reactor_get_stats",
                 "migration_get_status", "migration_set_priority", "policy_pause", "policy_resume",
                 "volume_get_heatmap", "bdev_mirror_get_status", "bdev_mirror_replace",
-                "bdev_error_inject", "volume_migrate", "volume_migrate_status"
+                "bdev_error_inject", "volume_migrate", "volume_migrate_status", "tier_gc", "policy_force_tier"
             ]);
             let list = m.as_array_mut().expect("array");
             list.extend(crate::target::nvmf::service::RPC_METHODS.iter().map(|n| json!(n)));
             Ok(m)
         }
+        "tier_gc" | "policy_force_tier" => crate::object_rpc::handle(shared, method, &params),
         "bdev_get_bdevs" => Ok(Value::Array(
             shared
                 .tiers
@@ -222,15 +223,20 @@ pub fn handle_rpc(shared: &Shared, method: &str, params: Value) -> Result<Value,
                 .tiers
                 .iter()
                 .zip(&shared.usage)
-                .map(|(t, u)| {
-                    json!({
-                        "name": t.name, "device": t.device,
+                .enumerate()
+                .map(|(i, (t, u))| {
+                    let mut v = json!({
+                        "name": t.name,
                         "capacity_bytes": u.capacity_bytes.load(Ordering::Relaxed),
                         "used_bytes": u.used_bytes.load(Ordering::Relaxed),
                         "cost_per_gib_month": t.cost_per_gib_month,
                         "read_latency_us": t.read_latency_us, "write_latency_us": t.write_latency_us,
                         "bandwidth_mib_s": t.bandwidth_mib_s,
-                    })
+                    });
+                    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), crate::object_rpc::tier_fields(shared, i)) {
+                        v.extend(extra);
+                    }
+                    v
                 })
                 .collect(),
         )),
@@ -464,6 +470,9 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                 crate::units::format_size(dev.info().size_bytes())
             ));
         }
+        if let Some(o) = dev.object_tier() {
+            o.set_tier_name(&t.name);
+        }
         tiers.push((t.name.clone(), dev));
     }
     if args.check {
@@ -571,6 +580,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         live: AtomicUsize::new(0),
     });
     let mut nvmf_inboxes = Vec::new();
+    // Writes to object-resident data wait for the policy thread to promote it.
+    let (promote_tx, promote_rx) = crossbeam_channel::unbounded();
     let mut inboxes = Vec::new();
     for (ri, h) in reactors.handles.iter().enumerate() {
         let (ep, recs) = (epochs.clone(), std::mem::take(&mut recorders[ri]));
@@ -590,6 +601,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
             metrics.clone(),
         );
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
+        let ptx = promote_tx.clone();
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
             let engines = VolumeIo::new(
@@ -610,6 +622,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                     io.set_epochs(ep.clone(), ri);
                     io.set_tier_registry(reg.clone());
                     nvmf_io.set_tier_registry(reg);
+                    io.set_promoter(ptx.clone());
+                    nvmf_io.set_promoter(ptx);
                     for (vi, rec) in recs.into_iter().enumerate() {
                         io.set_heat(vi, rec);
                     }
@@ -652,17 +666,22 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     // The policy loop and its migration engine.
     let settings = Arc::new(MigrationSettings::default());
     let mstats = Arc::new(MigrationStats::default());
+    let tiers_for_plan = &tiers;
     let plan_tiers: Vec<PlanTier> = plan
         .tiers
         .iter()
         .zip(&usage)
-        .map(|(t, u)| PlanTier {
+        .enumerate()
+        .map(|(i, (t, u))| PlanTier {
             name: t.name.clone(),
             read_latency_us: t.read_latency_us,
             write_latency_us: t.write_latency_us,
             bandwidth_mib_s: t.bandwidth_mib_s,
             cost_per_gib_month: t.cost_per_gib_month,
             usage: u.clone(),
+            cost_per_1k_get: t.cost_per_1k_get,
+            cost_per_1k_put: t.cost_per_1k_put,
+            object: tiers_for_plan[i].1.object_tier(),
         })
         .collect();
     let mut mtiers: Vec<MigrateTier> = plan
@@ -687,7 +706,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         settings.clone(),
         mstats.clone(),
     );
-    let mut policy = crate::policy::start(
+    let mut policy = crate::policy::start_with_objects(
         plan.policy.clone(),
         volumes.clone(),
         plan_tiers,
@@ -695,6 +714,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         settings,
         mstats,
         move || Migrator::new(v2, mtiers, m2, e2, s2, st2),
+        Some(promote_rx),
     )?;
     tracing::info!(policy = ?plan.policy.policy, interval_ms = plan.policy.interval_ms, "policy loop started");
     resume_volume_moves(&st.moves, &volumes, &registry, &policy.shared.moves);
@@ -751,6 +771,11 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                     if let Some(m) = d.as_mirror() {
                         let st = m.status();
                         m2.set_mirror_health(t, st.degraded, st.resync_done_bytes);
+                    }
+                }
+                for (name, d) in &s3.tiers {
+                    if let Some(o) = d.object_tier() {
+                        m2.set_tier_degraded(name, o.is_degraded());
                     }
                 }
                 conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);

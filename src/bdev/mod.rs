@@ -9,7 +9,8 @@
 //! reaps [`Completion`]s in batches.
 //!
 //! Backends live one per file: `null`, `malloc`, `uring`, `delay`, `error`, `mirror`,
-//! `vfio_nvme` and `nvme_passthru` (both on the shared [`nvme`] command layer).
+//! `vfio_nvme` and `nvme_passthru` (both on the shared [`nvme`] command layer), `nvmf`
+//! and `object` (S3-compatible object storage, the cold tier).
 //! [`spec`] parses the device-spec grammar shared by the CLI, config and RPC.
 
 pub mod delay;
@@ -20,6 +21,7 @@ pub mod null;
 pub mod nvme;
 pub mod nvme_passthru;
 pub mod nvmf;
+pub mod object;
 pub mod spec;
 pub mod tests;
 pub mod uring;
@@ -259,6 +261,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// The mirror behind this device, for its control plane (health, replace).
     fn as_mirror(&self) -> Option<&mirror::MirrorDevice> {
+        None
+    }
+
+    /// For an object-storage tier, its shared state (uploads, deletes, health).
+    /// Such a tier only serves reads through channels: see [`object`].
+    fn object_tier(&self) -> Option<Arc<object::ObjectTier>> {
         None
     }
 }

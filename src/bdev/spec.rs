@@ -13,6 +13,8 @@
 //! ng:/dev/ngXnY                           NVMe namespace through io_uring passthrough
 //! nvmf://HOST:PORT/NQN/NSID[?hdgst=1][&ddgst=1][&hostnqn=NQN]
 //!                                         a namespace on an NVMe/TCP target
+//! s3://BUCKET/PREFIX[?endpoint=URL][&region=R]
+//!                                         S3-compatible object storage (cold tier only)
 //! ```
 //! SIZE reads like `4GiB`, `512M` or `4096`. INNER is any spec, so wrappers nest.
 
@@ -80,6 +82,7 @@ pub enum DeviceSpec {
         path: PathBuf,
     },
     Nvmf(super::nvmf::NvmfTarget),
+    Object(super::object::ObjectSpec),
 }
 
 /// Checks a PCI address; `BB:DD.F` gets the `0000:` domain.
@@ -185,10 +188,13 @@ impl DeviceSpec {
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 text,
-                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error, mirror, nvme or ng, or nvmf://HOST:PORT/NQN/NSID",
+                "expected KIND:ARGS, where KIND is null, malloc, file, delay, error, mirror, nvme, ng or s3, or nvmf://HOST:PORT/NQN/NSID",
             )
         })?;
         match kind {
+            "s3" => Ok(DeviceSpec::Object(
+                super::object::ObjectSpec::parse(rest).map_err(|e| bad(text, e))?,
+            )),
             "null" | "malloc" => {
                 let size_bytes = parse_size(rest).map_err(|e| bad(text, e))?;
                 if size_bytes == 0 || size_bytes % 4096 != 0 {
@@ -411,7 +417,7 @@ impl DeviceSpec {
             _ => Err(bad(
                 text,
                 format!(
-                    "unknown device kind '{kind}' (null, malloc, file, delay, error, mirror, nvme, ng)"
+                    "unknown device kind '{kind}' (null, malloc, file, delay, error, mirror, nvme, ng, s3)"
                 ),
             )),
         }
@@ -493,7 +499,16 @@ impl DeviceSpec {
             DeviceSpec::NvmePassthru { path } => {
                 Arc::new(super::nvme_passthru::NvmePassthruDevice::open(name, path)?)
             }
+            DeviceSpec::Object(o) => Arc::new(super::object::ObjectDevice::open(o)?),
         })
+    }
+
+    /// The spec as it may be shown (secrets redacted), or the text itself if it does not parse.
+    pub fn redacted(text: &str) -> String {
+        match DeviceSpec::parse(text) {
+            Ok(DeviceSpec::Object(o)) => o.to_string(),
+            _ => text.to_string(),
+        }
     }
 
     /// The file behind this spec, if any (for wrappers, the innermost).
@@ -533,6 +548,7 @@ impl std::fmt::Display for DeviceSpec {
             },
             DeviceSpec::NvmePassthru { path } => write!(f, "ng:{}", path.display()),
             DeviceSpec::Nvmf(t) => write!(f, "nvmf://{}/{}/{}", t.addr, t.subnqn, t.nsid),
+            DeviceSpec::Object(o) => write!(f, "{o}"),
         }
     }
 }

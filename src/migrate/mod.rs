@@ -21,8 +21,10 @@
 //! also reached (shadowing). Copies are paced by a token bucket per tier and
 //! a queue-depth share, adjustable at run time.
 
+mod object;
 pub mod volume_move;
 pub mod volume_move_cli;
+pub use object::{tier_gc, GcReport, PromoteRequest};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -512,7 +514,11 @@ impl Migrator {
             {
                 n += 1;
             }
-            if loc.tier != to_tier {
+            if loc.tier != to_tier && self.object_tier(to_tier).is_some() {
+                // Objects are written whole: see object.rs.
+                let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+                moved += self.demote_to_object(volume, g, n, to_tier, span)?;
+            } else if loc.tier != to_tier {
                 moved += self.migrate_fitting(volume, g, n, loc, to_tier)?;
             }
             g += n;

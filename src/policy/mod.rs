@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::heat::{HeatConfig, HeatRecorder, HeatSampler};
-use crate::migrate::{MigrationSettings, MigrationStats, Migrator};
+use crossbeam_channel::Receiver;
+
+use crate::migrate::{MigrationSettings, MigrationStats, Migrator, PromoteRequest};
 use crate::volume::journal::TierUsage;
 use crate::volume::Volume;
 
@@ -148,7 +150,19 @@ pub struct PolicyShared {
     pub partitions: Vec<Mutex<Vec<planner::PartitionView>>>,
     /// Whole-volume moves: requested, running and finished (run on this thread).
     pub moves: Arc<crate::migrate::volume_move::MoveControl>,
+    /// RPC `policy_force_tier`: the tier to move every mapped granule to
+    /// (`FORCE_NONE` when none is pending), the object size for an object
+    /// tier, and how many forced passes have finished.
+    pub force_tier: AtomicU64,
+    pub force_object_granules: AtomicU64,
+    pub force_done: AtomicU64,
+    pub force_error: Mutex<Option<String>>,
 }
+
+/// No forced placement pending.
+pub const FORCE_NONE: u64 = u64::MAX;
+/// How often the policy thread garbage-collects object tiers.
+pub const OBJECT_GC_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Frames kept per volume.
 pub const HEAT_FRAMES_MAX: usize = 900;
@@ -182,6 +196,11 @@ pub struct PlanTier {
     pub bandwidth_mib_s: u64,
     pub cost_per_gib_month: f64,
     pub usage: Arc<TierUsage>,
+    /// Request prices, dollars per 1000 (object tiers).
+    pub cost_per_1k_get: f64,
+    pub cost_per_1k_put: f64,
+    /// The object tier behind this tier, if it is one (its health gates demotions).
+    pub object: Option<Arc<crate::bdev::object::ObjectTier>>,
 }
 
 /// Creates the heat samplers (one per volume, one counter set per reactor)
@@ -216,6 +235,31 @@ pub fn start(
     settings: Arc<MigrationSettings>,
     stats: Arc<MigrationStats>,
     build_migrator: impl FnOnce() -> Result<Migrator, String> + Send + 'static,
+) -> Result<PolicyThread, String> {
+    start_with_objects(
+        config,
+        volumes,
+        tiers,
+        samplers,
+        settings,
+        stats,
+        build_migrator,
+        None,
+    )
+}
+
+/// [`start`], plus the queue of promotions that writes to object-resident
+/// data wait for (served between migrations and while the loop sleeps).
+#[allow(clippy::too_many_arguments)]
+pub fn start_with_objects(
+    config: PolicyConfig,
+    volumes: Arc<Vec<Arc<Volume>>>,
+    tiers: Vec<PlanTier>,
+    samplers: Vec<HeatSampler>,
+    settings: Arc<MigrationSettings>,
+    stats: Arc<MigrationStats>,
+    build_migrator: impl FnOnce() -> Result<Migrator, String> + Send + 'static,
+    promote_rx: Option<Receiver<PromoteRequest>>,
 ) -> Result<PolicyThread, String> {
     let g = volumes
         .first()
@@ -265,6 +309,10 @@ pub fn start(
         cell_bytes,
         partitions: volumes.iter().map(|_| Mutex::new(Vec::new())).collect(),
         moves: Arc::default(),
+        force_tier: AtomicU64::new(FORCE_NONE),
+        force_object_granules: AtomicU64::new(crate::bdev::object::OBJECT_SPAN_GRANULES),
+        force_done: AtomicU64::new(0),
+        force_error: Mutex::new(None),
     });
     let s2 = shared.clone();
     let params = planner::Params {
@@ -285,7 +333,13 @@ pub fn start(
         .spawn(move || match build_migrator() {
             Ok(migrator) => {
                 let _ = ready_tx.send(Ok(()));
-                run(config, s2, volumes, tiers, samplers, migrator, params)
+                let objects = ObjectWork {
+                    promote_rx,
+                    last_gc: Instant::now(),
+                };
+                run(
+                    config, s2, volumes, tiers, samplers, migrator, params, objects,
+                )
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -310,6 +364,7 @@ fn run(
     mut samplers: Vec<HeatSampler>,
     mut migrator: Migrator,
     params: planner::Params,
+    mut objects: ObjectWork,
 ) {
     let interval = Duration::from_millis(config.interval_ms.max(10));
     let mut states: Vec<planner::VolumeState> = volumes
@@ -324,6 +379,9 @@ fn run(
     let mut next = Instant::now() + interval;
     let mut window = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
+        objects.serve(&mut migrator);
+        force_placement(&shared, &volumes, &mut migrator, &mut objects);
+        objects.gc_if_due(&migrator);
         // A whole-volume move takes the thread (and the heat) until it ends.
         if let Some(job) = shared.moves.next_job() {
             let vi = job.volume;
@@ -333,7 +391,7 @@ fn run(
         }
         let now = Instant::now();
         if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            objects.wait((next - now).min(Duration::from_millis(50)), &mut migrator);
             continue;
         }
         next += interval;
@@ -400,6 +458,7 @@ fn run(
             if shared.stop.load(Ordering::Relaxed) || shared.paused.load(Ordering::Relaxed) {
                 break;
             }
+            objects.serve(&mut migrator);
             let head = &queued[i];
             let mut end = i + 1;
             let mut bytes = head.count * params.granule_bytes;
@@ -470,6 +529,139 @@ fn run(
         shared.stats.queued.store(0, Ordering::Relaxed);
         shared.stats.queued_bytes.store(0, Ordering::Relaxed);
     }
+}
+
+/// Object-tier chores of the policy thread.
+struct ObjectWork {
+    promote_rx: Option<Receiver<PromoteRequest>>,
+    last_gc: Instant,
+}
+
+impl ObjectWork {
+    /// Serves the promotions writes are waiting for.
+    fn serve(&mut self, migrator: &mut Migrator) {
+        let Some(rx) = &self.promote_rx else { return };
+        while let Ok(req) = rx.try_recv() {
+            let rc = migrator.promote_for_write(&req);
+            (req.reply)(rc);
+        }
+    }
+
+    /// Sleeps up to `d`, waking for a promotion.
+    fn wait(&mut self, d: Duration, migrator: &mut Migrator) {
+        match &self.promote_rx {
+            Some(rx) => {
+                if let Ok(req) = rx.recv_timeout(d) {
+                    let rc = migrator.promote_for_write(&req);
+                    (req.reply)(rc);
+                }
+            }
+            None => std::thread::sleep(d),
+        }
+    }
+
+    fn gc_if_due(&mut self, migrator: &Migrator) {
+        if self.last_gc.elapsed() < OBJECT_GC_INTERVAL {
+            return;
+        }
+        self.last_gc = Instant::now();
+        for (tier, r) in migrator.gc_object_tiers() {
+            match r {
+                Ok(rep) => {
+                    tracing::info!(tier = %tier, listed = rep.listed, deleted = rep.deleted, "periodic tier_gc")
+                }
+                Err(e) => tracing::warn!(tier = %tier, "periodic tier_gc failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Runs a pending `policy_force_tier`: every mapped run not on the tier moves there.
+fn force_placement(
+    shared: &PolicyShared,
+    volumes: &[Arc<Volume>],
+    migrator: &mut Migrator,
+    objects: &mut ObjectWork,
+) {
+    let t = shared.force_tier.load(Ordering::Acquire);
+    if t == FORCE_NONE {
+        return;
+    }
+    let to = t as u8;
+    let object_granules = shared.force_object_granules.load(Ordering::Relaxed);
+    let to_object = migrator.object_tier(to).is_some();
+    let mut error = None;
+    'volumes: for (vi, vol) in volumes.iter().enumerate() {
+        if to_object {
+            // Whole windows of `object_granules` become one object each; a window with
+            // holes or with granules already there goes run by run.
+            let mut w = 0;
+            while w < vol.map.granules() {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break 'volumes;
+                }
+                let n = object_granules.min(vol.map.granules() - w);
+                let locs: Vec<_> = (w..w + n).map(|g| vol.map.get(g)).collect();
+                let r = if locs
+                    .iter()
+                    .all(|l| l.is_some_and(|l| migrator.object_tier(l.tier).is_none()))
+                {
+                    migrator.demote_to_object(vi, w, n, to, object_granules)
+                } else {
+                    let mut r = Ok(0);
+                    let mut g = w;
+                    while g < w + n && r.is_ok() {
+                        let here = locs[(g - w) as usize];
+                        let mut e = g + 1;
+                        if let Some(h) = here {
+                            while e < w + n
+                                && locs[(e - w) as usize]
+                                    == Some(crate::volume::extent_map::Location {
+                                        tier: h.tier,
+                                        phys_granule: h.phys_granule + (e - g),
+                                    })
+                            {
+                                e += 1;
+                            }
+                        }
+                        if here.is_some_and(|l| migrator.object_tier(l.tier).is_none()) {
+                            r = migrator.demote_to_object(vi, g, e - g, to, object_granules);
+                        }
+                        g = e;
+                    }
+                    r
+                };
+                if let Err(e) = r {
+                    tracing::warn!(volume = %vol.name, first = w, "forced placement stopped: {e}");
+                    error = Some(e);
+                    break 'volumes;
+                }
+                objects.serve(migrator);
+                w += n;
+            }
+            continue;
+        }
+        for (first, count, loc) in vol.map.runs() {
+            let Some(loc) = loc.filter(|l| l.tier != to) else {
+                continue;
+            };
+            if shared.stop.load(Ordering::Relaxed) {
+                break 'volumes;
+            }
+            if vol.map.get(first) != Some(loc) {
+                continue; // moved by a write's promotion since the snapshot
+            }
+            if let Err(e) = migrator.migrate(vi, first, count, to) {
+                tracing::warn!(volume = %vol.name, first, count, "forced placement stopped: {e}");
+                error = Some(e);
+                break 'volumes;
+            }
+            objects.serve(migrator);
+        }
+    }
+    *shared.force_error.lock().unwrap() = error;
+    shared.force_tier.store(FORCE_NONE, Ordering::Release);
+    shared.force_done.fetch_add(1, Ordering::Release);
 }
 
 fn record_frame(

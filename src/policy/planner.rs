@@ -7,6 +7,10 @@
 //!   in µs, plus the capacity cost difference (cost_per_gib_month of d − s) ×
 //!   GiB × horizon, weighted by [`DOLLAR_US`] µs per dollar.
 //!
+//! Cold placement on an object tier ([`cold_moves`]) compares dollars over
+//! [`COLD_HORIZON_WINDOWS`]: capacity, request prices (`cost_per_1k_get`,
+//! `cost_per_1k_put`), the latency of predicted accesses and the copy time.
+//!
 //! A move happens only when benefit > cost, and a promotion that must evict
 //! a resident partition must beat that partition's predicted heat by the
 //! hysteresis factor. A partition that moved stays for `min_residence_windows`.
@@ -448,5 +452,132 @@ pub fn plan(
             deadline_ms: 1000.0 / rate.max(1e-3),
         });
     }
+    if p.kind == PolicyKind::Kiln {
+        moves.extend(cold_moves(vi, vol, st, tiers, p, window, budget));
+    }
     moves
+}
+
+/// Windows over which cold placement is judged (30 days of 1 s windows):
+/// data sits on an object tier for a long time, so its capacity saving is
+/// counted over a longer horizon than a promotion's benefit.
+pub const COLD_HORIZON_WINDOWS: f64 = 30.0 * 86_400.0;
+/// The price of one second of background copy (device and network time off
+/// the foreground path): about what a small instance costs per second.
+pub const BACKGROUND_DOLLAR_PER_S: f64 = 1e-4;
+
+/// The dollar cost over [`COLD_HORIZON_WINDOWS`] of keeping a partition on
+/// `tier` (coming from `src`): capacity (`cost_per_gib_month`), the requests
+/// its predicted accesses make (`cost_per_1k_get` each, `cost_per_1k_put`
+/// per object to put it there), the latency of those accesses (µs at
+/// [`DOLLAR_US`]), and the copy (bytes over the slower bandwidth, at
+/// [`BACKGROUND_DOLLAR_PER_S`]).
+pub fn placement_cost(
+    tier: &PlanTier,
+    src: &PlanTier,
+    bytes: f64,
+    accesses: f64,
+    objects: f64,
+) -> f64 {
+    let months = COLD_HORIZON_WINDOWS / (30.0 * 24.0 * 3600.0);
+    let capacity = tier.cost_per_gib_month * bytes / (1u64 << 30) as f64 * months;
+    let requests =
+        accesses * tier.cost_per_1k_get / 1000.0 + objects * tier.cost_per_1k_put / 1000.0;
+    let latency_us = accesses * tier.read_latency_us as f64;
+    let bw = tier.bandwidth_mib_s.min(src.bandwidth_mib_s).max(1) as f64 * (1 << 20) as f64;
+    let copy_s = if std::ptr::eq(tier, src) {
+        0.0
+    } else {
+        bytes / bw
+    };
+    capacity + requests + latency_us / DOLLAR_US + copy_s * BACKGROUND_DOLLAR_PER_S
+}
+
+/// Demotions to object tiers that pay: the partition costs less there over
+/// [`COLD_HORIZON_WINDOWS`] than where it is, counting request prices,
+/// latency and the copy as well as capacity. A degraded object tier takes nothing.
+fn cold_moves(
+    vi: usize,
+    vol: &Volume,
+    st: &VolumeState,
+    tiers: &[PlanTier],
+    p: &Params,
+    window: u64,
+    mut budget: f64,
+) -> Vec<Move> {
+    let g = p.granule_bytes;
+    let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+    let mut moves = Vec::new();
+    for part in &st.parts {
+        let Some(from) = VolumeState::tier_of(vol, part.first, part.count) else {
+            continue;
+        };
+        let src = &tiers[from as usize];
+        if src.object.is_some() || window < part.moved_window + p.min_residence_windows {
+            continue;
+        }
+        let bytes = (part.count * g) as f64;
+        let accesses = st.heat(part.first, part.count) * COLD_HORIZON_WINDOWS;
+        let stay = placement_cost(src, src, bytes, accesses, 0.0);
+        let best = tiers
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.object.as_ref().is_some_and(|o| !o.is_degraded()))
+            .map(|(i, t)| {
+                let objects = part.count.div_ceil(span) as f64;
+                (i, placement_cost(t, src, bytes, accesses, objects))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((to, cost)) = best {
+            if cost < stay && bytes <= budget {
+                budget -= bytes;
+                moves.push(Move {
+                    volume: vi,
+                    first_granule: part.first,
+                    count: part.count,
+                    from_tier: from,
+                    to_tier: to as u8,
+                    priority: 0.0,
+                    deadline_ms: 0.0,
+                });
+            }
+        }
+    }
+    moves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(cost: f64, get: f64, put: f64, latency_us: u64) -> PlanTier {
+        PlanTier {
+            name: "t".into(),
+            read_latency_us: latency_us,
+            write_latency_us: latency_us,
+            bandwidth_mib_s: 100,
+            cost_per_gib_month: cost,
+            usage: Default::default(),
+            cost_per_1k_get: get,
+            cost_per_1k_put: put,
+            object: None,
+        }
+    }
+
+    #[test]
+    fn cold_data_pays_on_the_object_tier_and_hot_data_does_not() {
+        let capacity = tier(0.02, 0.0, 0.0, 2000);
+        let s3 = tier(0.004, 0.0004, 0.005, 20_000);
+        let bytes = (64u64 << 20) as f64;
+        let stay = |acc: f64| placement_cost(&capacity, &capacity, bytes, acc, 0.0);
+        let go = |acc: f64| placement_cost(&s3, &capacity, bytes, acc, 1.0);
+        // Untouched for a month: the capacity saving beats one PUT and the copy.
+        assert!(go(0.0) < stay(0.0), "{} vs {}", go(0.0), stay(0.0));
+        // Read ten times a second: GETs and 18 ms more per read make it a loss.
+        let hot = 10.0 * COLD_HORIZON_WINDOWS;
+        assert!(go(hot) > stay(hot), "{} vs {}", go(hot), stay(hot));
+        // With free requests but the same latency, a tier that costs more never pays.
+        let dear = tier(0.05, 0.0, 0.0, 20_000);
+        assert!(placement_cost(&dear, &capacity, bytes, 0.0, 1.0) > stay(0.0));
+    }
 }

@@ -76,6 +76,14 @@ impl TierAllocator {
         self.free_granules -= count;
     }
 
+    /// Whether every granule of `[start, start+count)` is free.
+    pub fn is_free(&self, start: u64, count: u64) -> bool {
+        self.free
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(&s, &l)| start + count <= s + l)
+    }
+
     /// Returns `[start, start+count)` to the free set, merging neighbours.
     pub fn free(&mut self, start: u64, count: u64) {
         let mut s = start;

@@ -94,6 +94,9 @@ pub struct VolumeIo {
     last_end: Vec<u64>,
     /// Tiers added at run time appear here; channels on them are opened on the next poll.
     registry: Option<Arc<TierRegistry>>,
+    /// Bit t set: tier t is object storage (reads only; writes promote first).
+    object_mask: u64,
+    promote_tx: Option<Sender<crate::migrate::PromoteRequest>>,
 }
 
 fn op_index(kind: IoKind) -> usize {
@@ -201,6 +204,12 @@ impl VolumeIo {
             heat: volumes.iter().map(|_| None).collect(),
             last_end: vec![u64::MAX; volumes.len()],
             registry: None,
+            object_mask: tiers
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, d))| d.object_tier().is_some())
+                .fold(0, |m, (i, _)| m | 1 << i),
+            promote_tx: None,
         })
     }
 
@@ -251,6 +260,50 @@ impl VolumeIo {
             }
         }
         reg.ack(self.reactor_index, self.chans.len());
+    }
+
+    /// Where writes to object-resident data ask for a promotion.
+    pub fn set_promoter(&mut self, tx: Sender<crate::migrate::PromoteRequest>) {
+        self.promote_tx = Some(tx);
+    }
+
+    /// Whether any granule of the range is mapped to an object tier.
+    fn touches_object_tier(&self, vol: &Volume, offset: u64, len: u64) -> bool {
+        let g = vol.map.granule_bytes;
+        (offset / g..(offset + len).div_ceil(g)).any(|x| {
+            vol.map
+                .get(x)
+                .is_some_and(|l| (self.object_mask >> l.tier) & 1 != 0)
+        })
+    }
+
+    /// Parks a write whose range is object-resident until the policy thread
+    /// has promoted it, then dispatches it again (as after an allocation).
+    fn promote_then_dispatch(&mut self, idx: u32) {
+        let op = self.reqs[idx as usize].op;
+        let Some(promote_tx) = &self.promote_tx else {
+            tracing::error!("write to object-resident data with no promoter: EIO");
+            self.finish_early(idx, -libc::EIO);
+            return;
+        };
+        self.reqs[idx as usize].state = ReqState::Mapping;
+        let tx = self.map_tx.clone();
+        let waker = self.reactor.clone();
+        let sent = promote_tx.send(crate::migrate::PromoteRequest {
+            volume: op.volume as usize,
+            offset_bytes: op.offset_bytes,
+            len_bytes: op.len_bytes as u64,
+            reply: Box::new(move |rc| {
+                let _ = tx.send((idx, rc));
+                if let Some(h) = waker {
+                    h.wake();
+                }
+            }),
+        });
+        if sent.is_err() {
+            self.reqs[idx as usize].state = ReqState::Running;
+            self.finish_early(idx, -libc::ESHUTDOWN);
+        }
     }
 
     /// Installs this reactor's heat recorder for a volume.
@@ -358,6 +411,14 @@ impl VolumeIo {
             self.blocked.push_back(idx);
             return;
         }
+        if modifies
+            && self.object_mask != 0
+            && self.touches_object_tier(&vol, op.offset_bytes, op.len_bytes as u64)
+        {
+            self.epochs.exit(self.reactor_index, bit);
+            self.promote_then_dispatch(idx);
+            return;
+        }
         self.reqs[idx as usize].epoch_bit = bit;
         match op.kind {
             IoKind::Flush => {
@@ -416,7 +477,9 @@ impl VolumeIo {
                                     && logical + len <= pl + plen
                                     && pp + (logical - pl) == phys
                             });
-                            if same {
+                            // An object tier takes no shadow writes: its copy is
+                            // made under the lock, after this write completes.
+                            if same || (self.object_mask >> tier) & 1 != 0 {
                                 return;
                             }
                             let req = piece_request(&op, tag, logical, len, phys);

@@ -202,8 +202,15 @@ pub enum MetaRequest {
         done: bool,
         reply: Sender<Result<(), String>>,
     },
-    /// Several switches of one volume in one commit (a batch of small hot chunks):
-    /// `(first_granule, count, from, to)` each; all or none.
+    /// Of these generations of an object tier, the ones no map entry and no
+    /// reservation uses (garbage `tier_gc` may delete: generations are never reused).
+    ObjectGarbage {
+        tier: u8,
+        gens: Vec<u64>,
+        reply: Sender<Vec<u64>>,
+    },
+    /// Like `Switch` for several runs `(first_granule, count, from, to)` of one
+    /// volume, checked together and committed as one journal commit.
     SwitchMany {
         volume: usize,
         runs: Vec<(u64, u64, Location, Location)>,
@@ -242,7 +249,16 @@ pub struct MetaService {
     buf: AlignedBuf,
     /// How many of `tiers` come from the config (the superblock's list); the rest are runtime.
     config_tiers: usize,
+    /// Per tier: the object-storage tier behind it, if it is one.
+    object: Vec<Option<Arc<crate::bdev::object::ObjectTier>>>,
+    /// Object generations: the base (superblock generation << OBJECT_GEN_COUNTER_BITS)
+    /// and the next counter under it. See `next_object_generation`.
+    object_gen_base: u64,
+    object_gen_next: u64,
 }
+
+/// Object generations handed out per superblock generation before a checkpoint re-bases them.
+pub const OBJECT_GEN_COUNTER_BITS: u32 = 14;
 
 fn io_error(what: &str, rc: i32) -> String {
     format!("{what}: {}", std::io::Error::from_raw_os_error(-rc))
@@ -348,10 +364,24 @@ impl MetaService {
                 crate::units::format_size(META_BYTES)
             ));
         }
+        let object: Vec<_> = tiers.iter().map(|t| t.device.object_tier()).collect();
+        if object[0].is_some() {
+            return Err(format!(
+                "tier '{}': an object-storage tier cannot be the first tier (it holds the metadata)",
+                tiers[0].name
+            ));
+        }
         let allocators = tiers
             .iter()
             .enumerate()
             .map(|(i, t)| {
+                if object[i].is_some() {
+                    // Addressed by generation (see next_object_generation), not packed.
+                    return TierAllocator::new(
+                        0,
+                        crate::bdev::object::DEVICE_BYTES / GRANULE_BYTES,
+                    );
+                }
                 let first = if i == 0 {
                     META_BYTES / GRANULE_BYTES
                 } else {
@@ -377,9 +407,13 @@ impl MetaService {
             },
             buf: AlignedBuf::zeroed(1 << 20),
             config_tiers: 0,
+            object,
+            object_gen_base: 0,
+            object_gen_next: 0,
         };
         svc.config_tiers = svc.tiers.len();
         svc.recover()?;
+        svc.object_gen_base = svc.state.generation << OBJECT_GEN_COUNTER_BITS;
         svc.publish_usage();
         Ok(svc)
     }
@@ -833,7 +867,7 @@ impl MetaService {
                 }
                 // Space is freed only after the unmap record is durable.
                 for (tier, phys, count) in to_free {
-                    self.allocators[tier as usize].free(phys, count);
+                    self.free_space(tier, phys, count);
                 }
                 self.publish_usage();
                 for (reply, rc) in replies {
@@ -888,9 +922,106 @@ impl MetaService {
         Ok(())
     }
 
+    /// Journals and applies the switch of several runs in one commit. Each
+    /// record is valid on its own, so a torn commit leaves some runs switched
+    /// and the others where they were, every one of them complete.
+    fn switch_many(
+        &mut self,
+        volume: usize,
+        runs: &[(u64, u64, Location, Location)],
+    ) -> Result<(), String> {
+        let v = self.volumes[volume].clone();
+        let mut records = Vec::new();
+        for &(first, count, from, to) in runs {
+            for i in 0..count {
+                let expected = Location {
+                    tier: from.tier,
+                    phys_granule: from.phys_granule + i,
+                };
+                if v.map.get(first + i) != Some(expected) {
+                    return Err(format!(
+                        "granule {} of '{}' moved during the copy",
+                        first + i,
+                        v.name
+                    ));
+                }
+            }
+            records.push(Record::Map {
+                volume: v.name.clone(),
+                first_granule: first,
+                count,
+                tier: to.tier,
+                phys_granule: to.phys_granule,
+            });
+        }
+        self.commit(&records)?;
+        for r in &records {
+            self.apply(r, false)?;
+        }
+        self.publish_usage();
+        Ok(())
+    }
+
+    /// Frees space; on an object tier, deletes the objects no granule uses any
+    /// more (the map change that freed them is already durable).
+    fn free_space(&mut self, tier: u8, phys: u64, count: u64) {
+        self.allocators[tier as usize].free(phys, count);
+        if let Some(o) = &self.object[tier as usize] {
+            let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+            let a = &self.allocators[tier as usize];
+            let gens: Vec<u64> = (phys / span..(phys + count).div_ceil(span))
+                .filter(|g| a.is_free(g * span, span))
+                .collect();
+            o.delete_later(gens);
+        }
+    }
+
+    /// A generation never used before, on any run of this metadata: the
+    /// superblock generation (durable, and higher at every start than any
+    /// generation of an earlier start) shifted left, plus a counter. When the
+    /// counter runs out, a checkpoint raises the superblock generation.
+    fn next_object_generation(&mut self) -> Result<u64, String> {
+        if self.object_gen_next >= 1 << OBJECT_GEN_COUNTER_BITS {
+            self.write_checkpoint()?;
+            self.object_gen_base = self.state.generation << OBJECT_GEN_COUNTER_BITS;
+            self.object_gen_next = 0;
+        }
+        let gen = self.object_gen_base | self.object_gen_next;
+        self.object_gen_next += 1;
+        Ok(gen)
+    }
+
+    /// Reserves one object's worth of an object tier: a fresh generation.
+    fn reserve_object(&mut self, tier: u8, granules: u64) -> Result<u64, String> {
+        let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+        let t = &self.tiers[tier as usize];
+        let a = &self.allocators[tier as usize];
+        if granules == 0 || granules > span {
+            return Err(format!(
+                "tier '{}': an object holds 1..={span} granules, not {granules}",
+                t.name
+            ));
+        }
+        if (a.used_granules() + granules) * GRANULE_BYTES > t.capacity_bytes {
+            return Err(format!("tier '{}' is full", t.name));
+        }
+        let gen = self.next_object_generation()?;
+        let phys = gen
+            .checked_mul(span)
+            .filter(|p| p + span <= self.allocators[tier as usize].total_granules)
+            .ok_or_else(|| format!("object generation {gen} is out of address space"))?;
+        self.allocators[tier as usize].reserve(phys, granules);
+        self.publish_usage();
+        Ok(phys)
+    }
+
     /// Picks the fastest tier with room for `granules` contiguous granules.
     fn place(&mut self, granules: u64) -> Option<(u8, u64)> {
         for (i, a) in self.allocators.iter_mut().enumerate() {
+            if self.object[i].is_some() {
+                // New data never lands on an object tier; it is demoted there whole.
+                continue;
+            }
             if let Some(phys) = a.alloc(granules, granules.min(16)) {
                 return Some((i as u8, phys));
             }
@@ -924,6 +1055,34 @@ impl MetaService {
                         tier,
                         granules,
                         reply,
+                    } if self.object.get(tier as usize).is_some_and(|o| o.is_some()) => {
+                        let _ = reply.send(self.reserve_object(tier, granules));
+                    }
+                    MetaRequest::SwitchMany {
+                        volume,
+                        runs,
+                        reply,
+                    } => {
+                        self.handle_batch(std::mem::take(&mut work));
+                        let _ = reply.send(self.switch_many(volume, &runs));
+                    }
+                    MetaRequest::ObjectGarbage { tier, gens, reply } => {
+                        let span = crate::bdev::object::OBJECT_SPAN_GRANULES;
+                        let a = &self.allocators[tier as usize];
+                        let dead = gens
+                            .into_iter()
+                            .filter(|&g| {
+                                g.checked_mul(span).is_some_and(|p| {
+                                    p + span <= a.total_granules && a.is_free(p, span)
+                                })
+                            })
+                            .collect();
+                        let _ = reply.send(dead);
+                    }
+                    MetaRequest::Reserve {
+                        tier,
+                        granules,
+                        reply,
                     } => {
                         let r = self
                             .allocators
@@ -951,7 +1110,7 @@ impl MetaService {
                         phys_granule,
                         count,
                     } => {
-                        self.allocators[tier as usize].free(phys_granule, count);
+                        self.free_space(tier, phys_granule, count);
                         self.publish_usage();
                     }
                     MetaRequest::Shutdown { reply } => {
@@ -978,14 +1137,6 @@ impl MetaService {
                     } => {
                         self.handle_batch(std::mem::take(&mut work));
                         let _ = reply.send(self.volume_move(volume, to_tier, params, done));
-                    }
-                    MetaRequest::SwitchMany {
-                        volume,
-                        runs,
-                        reply,
-                    } => {
-                        self.handle_batch(std::mem::take(&mut work));
-                        let _ = reply.send(self.switch_many(volume, &runs));
                     }
                     MetaRequest::TrimFree { tier, reply } => {
                         self.handle_batch(std::mem::take(&mut work));

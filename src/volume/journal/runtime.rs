@@ -23,7 +23,6 @@ use crate::bdev::spec::DeviceSpec;
 use crate::bdev::{BlockDevice, ChannelOptions, IoKind};
 use crate::frame;
 use crate::volume::allocator::TierAllocator;
-use crate::volume::extent_map::Location;
 
 /// Magic of the extended checkpoint frame.
 pub const MAGIC_CHECKPOINT_EXT: u32 = u32::from_le_bytes(*b"KLNX");
@@ -291,45 +290,6 @@ impl MetaService {
             }
         }
         self.place(granules)
-    }
-
-    /// Journals and applies several switches of one volume in one commit. Fails
-    /// (changing nothing) if any granule no longer points where its copy came from.
-    pub(super) fn switch_many(
-        &mut self,
-        volume: usize,
-        runs: &[(u64, u64, Location, Location)],
-    ) -> Result<(), String> {
-        let v = self.volumes[volume].clone();
-        let mut records = Vec::with_capacity(runs.len());
-        for &(first, count, from, to) in runs {
-            for i in 0..count {
-                let expected = Location {
-                    tier: from.tier,
-                    phys_granule: from.phys_granule + i,
-                };
-                if v.map.get(first + i) != Some(expected) {
-                    return Err(format!(
-                        "granule {} of '{}' moved during the copy",
-                        first + i,
-                        v.name
-                    ));
-                }
-            }
-            records.push(Record::Map {
-                volume: v.name.clone(),
-                first_granule: first,
-                count,
-                tier: to.tier,
-                phys_granule: to.phys_granule,
-            });
-        }
-        self.commit(&records)?;
-        for r in &records {
-            self.apply(r, false)?;
-        }
-        self.publish_usage();
-        Ok(())
     }
 
     /// Trims every free range of a tier. The service is single-threaded, so no

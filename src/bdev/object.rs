@@ -1,0 +1,994 @@
+//! `s3://BUCKET/PREFIX?endpoint=URL&region=R`: a cold tier on S3-compatible
+//! object storage, through the `object_store` crate.
+//!
+//! The tier's physical address space is cut into *generations*: physical
+//! granule `p` belongs to generation `p / OBJECT_SPAN_GRANULES`, and each
+//! generation is at most one immutable object, `PREFIX/kiln-obj-GEN` (16 hex
+//! digits): an 8 KiB header (volume, first granule, generation, length, a
+//! crc32c per 64 KiB block) followed by the data. Generations are never
+//! reused (see `docs/FORMAT.md`), so an object, once written, never changes.
+//!
+//! - The crate is async: it runs on one small tokio runtime thread owned by
+//!   the tier. Reactors send it requests by message (never blocking) and get
+//!   completions back on a bounded queue, with an eventfd to wake a parked
+//!   reactor.
+//! - Reactor channels only read: a read is one ranged GET covering the 64 KiB
+//!   blocks it touches, each checked against the header's crc32c table (the
+//!   header is cached per object). Writes never reach this device: the volume
+//!   layer promotes a partition before writing it, and the migration engine
+//!   uploads whole objects through [`ObjectTier::put_blocking`].
+//! - Requests are retried with backoff on 5xx and timeouts by `object_store`;
+//!   after [`DEGRADE_AFTER_FAILURES`] failed requests in a row the tier is
+//!   degraded: reads fail at once with EIO and a log line naming the tier, and
+//!   a probe every 500 ms clears the state when the server answers again.
+//! - Credentials come from the standard `AWS_*` environment variables, or
+//!   from `access_key_id=`/`secret_access_key=` in the spec; they are never
+//!   printed (`Display` and `Debug` redact them).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+
+use super::{
+    BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
+    SubmitError,
+};
+
+/// Size of one crc32c block, and of the smallest ranged GET (the volume granule).
+pub const CRC_BLOCK_BYTES: u64 = 64 << 10;
+/// Physical granules per generation (the largest object: 64 MiB of data).
+pub const OBJECT_SPAN_GRANULES: u64 = 1024;
+pub const OBJECT_SPAN_BYTES: u64 = OBJECT_SPAN_GRANULES * CRC_BLOCK_BYTES;
+/// The header before the data of every object.
+pub const HEADER_BYTES: u64 = 8192;
+pub const MAGIC_OBJECT: u32 = u32::from_le_bytes(*b"KLNO");
+pub const OBJECT_VERSION: u32 = 1;
+/// Objects larger than this are uploaded in parts of this size.
+pub const MULTIPART_PART_BYTES: usize = 8 << 20;
+/// Failed requests in a row (after retries) that mark the tier degraded.
+pub const DEGRADE_AFTER_FAILURES: u64 = 3;
+/// The address space the tier pretends to have (2^63 bytes: generations below 2^37,
+/// i.e. superblock generations below 2^23 with 14 counter bits).
+pub const DEVICE_BYTES: u64 = 1 << 63;
+const VOLUME_NAME_BYTES_MAX: usize = 64;
+const CRC_TABLE_OFFSET: usize = 112;
+const HEADER_CRC_OFFSET: usize = HEADER_BYTES as usize - 4;
+
+const _: () = assert!(CRC_TABLE_OFFSET + 4 * OBJECT_SPAN_GRANULES as usize <= HEADER_CRC_OFFSET);
+const _: () = assert!(41 + VOLUME_NAME_BYTES_MAX <= CRC_TABLE_OFFSET);
+
+/// The parsed `s3://` spec. `Display` and `Debug` never show secrets.
+#[derive(Clone, PartialEq)]
+pub struct ObjectSpec {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Per-request timeout and retries (after which a request has failed).
+    pub timeout_ms: u64,
+    pub retries: u64,
+}
+
+impl ObjectSpec {
+    /// Parses the part after `s3:`: `//BUCKET[/PREFIX][?endpoint=..&region=..]`.
+    pub fn parse(rest: &str) -> Result<ObjectSpec, String> {
+        let body = rest
+            .strip_prefix("//")
+            .ok_or("s3 spec wants s3://BUCKET/PREFIX[?endpoint=URL&region=R]")?;
+        let (path, query) = body.split_once('?').unwrap_or((body, ""));
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.is_empty() {
+            return Err("s3 spec needs a bucket name".into());
+        }
+        let mut spec = ObjectSpec {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            timeout_ms: 30_000,
+            retries: 3,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("option '{pair}' is not KEY=VALUE"))?;
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("option '{key}' wants a number, not '{value}'"))
+            };
+            match key {
+                "timeout_ms" => {
+                    spec.timeout_ms = number()?.max(1);
+                    continue;
+                }
+                "retries" => {
+                    spec.retries = number()?;
+                    continue;
+                }
+                _ => {}
+            }
+            let slot = match key {
+                "endpoint" => &mut spec.endpoint,
+                "region" => &mut spec.region,
+                "access_key_id" => &mut spec.access_key_id,
+                "secret_access_key" => &mut spec.secret_access_key,
+                _ => {
+                    return Err(format!(
+                        "unknown s3 option '{key}' (endpoint, region, timeout_ms, retries, access_key_id, secret_access_key)"
+                    ))
+                }
+            };
+            *slot = Some(value.to_string());
+        }
+        Ok(spec)
+    }
+
+    /// The key of generation `gen`.
+    pub fn key(&self, gen: u64) -> String {
+        if self.prefix.is_empty() {
+            format!("kiln-obj-{gen:016x}")
+        } else {
+            format!("{}/kiln-obj-{gen:016x}", self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)?;
+        let mut sep = '?';
+        let mut opt = |f: &mut std::fmt::Formatter<'_>, k: &str, v: &str| {
+            let r = write!(f, "{sep}{k}={v}");
+            sep = '&';
+            r
+        };
+        if let Some(e) = &self.endpoint {
+            opt(f, "endpoint", e)?;
+        }
+        if let Some(r) = &self.region {
+            opt(f, "region", r)?;
+        }
+        if self.timeout_ms != 30_000 {
+            opt(f, "timeout_ms", &self.timeout_ms.to_string())?;
+        }
+        if self.retries != 3 {
+            opt(f, "retries", &self.retries.to_string())?;
+        }
+        if self.access_key_id.is_some() {
+            opt(f, "access_key_id", "<redacted>")?;
+        }
+        if self.secret_access_key.is_some() {
+            opt(f, "secret_access_key", "<redacted>")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ObjectSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectSpec({self})")
+    }
+}
+
+/// The generation holding physical byte `phys` of the tier, and the offset in its data.
+#[inline]
+pub fn locate(phys_bytes: u64) -> (u64, u64) {
+    (
+        phys_bytes / OBJECT_SPAN_BYTES,
+        phys_bytes % OBJECT_SPAN_BYTES,
+    )
+}
+
+/// The object header, as written before the data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectHeader {
+    pub volume: String,
+    pub first_granule: u64,
+    pub generation: u64,
+    pub data_bytes: u64,
+    /// crc32c of each 64 KiB block of the data.
+    pub crcs: Vec<u32>,
+}
+
+impl ObjectHeader {
+    /// Builds the header of `data` (a whole number of crc blocks).
+    pub fn for_data(volume: &str, first_granule: u64, generation: u64, data: &[u8]) -> Self {
+        assert!(data.len() as u64 % CRC_BLOCK_BYTES == 0 && data.len() as u64 <= OBJECT_SPAN_BYTES);
+        ObjectHeader {
+            volume: volume.to_string(),
+            first_granule,
+            generation,
+            data_bytes: data.len() as u64,
+            crcs: data
+                .chunks(CRC_BLOCK_BYTES as usize)
+                .map(crc32c::crc32c)
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_BYTES as usize];
+        let name = self.volume.as_bytes();
+        assert!(
+            name.len() <= VOLUME_NAME_BYTES_MAX && self.crcs.len() as u64 <= OBJECT_SPAN_GRANULES
+        );
+        b[0..4].copy_from_slice(&MAGIC_OBJECT.to_le_bytes());
+        b[4..8].copy_from_slice(&OBJECT_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.first_granule.to_le_bytes());
+        b[24..32].copy_from_slice(&self.data_bytes.to_le_bytes());
+        b[32..36].copy_from_slice(&(CRC_BLOCK_BYTES as u32).to_le_bytes());
+        b[36..40].copy_from_slice(&(self.crcs.len() as u32).to_le_bytes());
+        b[40] = name.len() as u8;
+        b[41..41 + name.len()].copy_from_slice(name);
+        for (i, c) in self.crcs.iter().enumerate() {
+            let at = CRC_TABLE_OFFSET + 4 * i;
+            b[at..at + 4].copy_from_slice(&c.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b[..HEADER_CRC_OFFSET]);
+        b[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        // Assert metadata before it is written.
+        assert_eq!(ObjectHeader::decode(&b).as_ref(), Ok(self));
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ObjectHeader, String> {
+        if b.len() < HEADER_BYTES as usize {
+            return Err(format!("object header truncated at {} bytes", b.len()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        if u32_at(0) != MAGIC_OBJECT {
+            return Err(format!("bad object magic {:#010x}", u32_at(0)));
+        }
+        let stored = u32_at(HEADER_CRC_OFFSET);
+        let computed = crc32c::crc32c(&b[..HEADER_CRC_OFFSET]);
+        if stored != computed {
+            return Err(format!(
+                "object header crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ));
+        }
+        if u32_at(4) != OBJECT_VERSION || u32_at(32) as u64 != CRC_BLOCK_BYTES {
+            return Err(format!(
+                "object header version {} / block {} not supported",
+                u32_at(4),
+                u32_at(32)
+            ));
+        }
+        let n = u32_at(36) as usize;
+        let name_len = b[40] as usize;
+        if n as u64 > OBJECT_SPAN_GRANULES || name_len > VOLUME_NAME_BYTES_MAX {
+            return Err("object header fields out of range".into());
+        }
+        Ok(ObjectHeader {
+            volume: String::from_utf8_lossy(&b[41..41 + name_len]).into_owned(),
+            generation: u64_at(8),
+            first_granule: u64_at(16),
+            data_bytes: u64_at(24),
+            crcs: (0..n).map(|i| u32_at(CRC_TABLE_OFFSET + 4 * i)).collect(),
+        })
+    }
+}
+
+/// Counters of one object tier, for RPC and metrics.
+#[derive(Default, Debug)]
+pub struct ObjectStats {
+    pub gets: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub puts: AtomicU64,
+    pub put_bytes: AtomicU64,
+    pub multipart_puts: AtomicU64,
+    pub deletes: AtomicU64,
+    pub errors: AtomicU64,
+    pub crc_errors: AtomicU64,
+}
+
+/// Where a reactor channel's completions go.
+struct ChanDone {
+    tx: Sender<Completion>,
+    eventfd: RawFd,
+    signaled: AtomicBool,
+}
+
+impl ChanDone {
+    fn complete(&self, c: Completion) {
+        // The queue holds the channel's whole depth: it cannot be full.
+        let _ = self.tx.try_send(c);
+        self.signaled.store(true, Ordering::Release);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a valid u64 to the eventfd we own until drop.
+        unsafe { libc::write(self.eventfd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+impl Drop for ChanDone {
+    fn drop(&mut self) {
+        // SAFETY: the eventfd is ours; nothing uses it after the last reference.
+        unsafe { libc::close(self.eventfd) };
+    }
+}
+
+type Reply<T> = Sender<Result<T, String>>;
+
+enum Job {
+    Read {
+        gen: u64,
+        offset: u64,
+        len: u32,
+        buf: usize,
+        tag: u64,
+        done: Arc<ChanDone>,
+    },
+    Put {
+        gen: u64,
+        body: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Get {
+        gen: u64,
+        reply: Reply<Bytes>,
+    },
+    List {
+        reply: Reply<Vec<u64>>,
+    },
+    Delete {
+        gens: Vec<u64>,
+        reply: Option<Reply<u64>>,
+    },
+}
+
+/// The shared state of one object tier: its runtime thread and health.
+pub struct ObjectTier {
+    pub spec: ObjectSpec,
+    tier_name: OnceLock<String>,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    degraded: AtomicBool,
+    failures: AtomicU64,
+    pub stats: ObjectStats,
+    last_log_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for ObjectTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectTier({})", self.spec)
+    }
+}
+
+impl ObjectTier {
+    /// Names the tier in log lines (the device only knows its spec).
+    pub fn set_tier_name(&self, name: &str) {
+        let _ = self.tier_name.set(name.to_string());
+    }
+
+    pub fn tier_name(&self) -> &str {
+        self.tier_name.get().map(|s| s.as_str()).unwrap_or("?")
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    fn failed(&self, what: &str, e: &object_store::Error) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(e, object_store::Error::NotFound { .. }) {
+            // The server answered: not a health problem.
+            tracing::error!(tier = %self.tier_name(), "object tier '{}' ({}): {what}: object not found", self.tier_name(), self.spec);
+            return;
+        }
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(tier = %self.tier_name(), "object tier '{}' ({}): {what} failed: {e}", self.tier_name(), self.spec);
+        if n >= DEGRADE_AFTER_FAILURES && !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                tier = %self.tier_name(),
+                "object tier '{}' ({}) is DEGRADED after {n} failed requests: reads of its data fail with EIO and new data stays on block tiers until it answers again",
+                self.tier_name(),
+                self.spec
+            );
+        }
+    }
+
+    /// Logs a refused read at most once a second.
+    fn log_refused(&self, gen: u64) {
+        let now = crate::clock::now_ns();
+        let last = self.last_log_ns.load(Ordering::Relaxed);
+        if now.saturating_sub(last) > 1_000_000_000
+            && self
+                .last_log_ns
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                tier = %self.tier_name(),
+                "object tier '{}' ({}) is degraded: read of {} failed with EIO",
+                self.tier_name(),
+                self.spec,
+                self.spec.key(gen)
+            );
+        }
+    }
+
+    fn call<T>(&self, build: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.jobs
+            .send(build(tx))
+            .map_err(|_| format!("object tier '{}': runtime thread stopped", self.tier_name()))?;
+        rx.recv_timeout(Duration::from_secs(300))
+            .map_err(|_| format!("object tier '{}': request timed out", self.tier_name()))?
+    }
+
+    /// Uploads one object (multipart above [`MULTIPART_PART_BYTES`]); blocks the caller.
+    pub fn put_blocking(&self, gen: u64, body: Vec<u8>) -> Result<(), String> {
+        if self.is_degraded() {
+            return Err(format!("object tier '{}' is degraded", self.tier_name()));
+        }
+        self.call(|reply| Job::Put { gen, body, reply })
+    }
+
+    /// Downloads one whole object; blocks the caller.
+    pub fn get_blocking(&self, gen: u64) -> Result<Bytes, String> {
+        self.call(|reply| Job::Get { gen, reply })
+    }
+
+    /// The generations present under the prefix; blocks the caller.
+    pub fn list_blocking(&self) -> Result<Vec<u64>, String> {
+        self.call(|reply| Job::List { reply })
+    }
+
+    /// Deletes objects and waits; returns how many were deleted.
+    pub fn delete_blocking(&self, gens: Vec<u64>) -> Result<u64, String> {
+        self.call(|reply| Job::Delete {
+            gens,
+            reply: Some(reply),
+        })
+    }
+
+    /// Deletes objects in the background (failures leave garbage for `tier_gc`).
+    pub fn delete_later(&self, gens: Vec<u64>) {
+        let _ = self.jobs.send(Job::Delete { gens, reply: None });
+    }
+}
+
+pub struct ObjectDevice {
+    info: DeviceInfo,
+    tier: Arc<ObjectTier>,
+}
+
+impl ObjectDevice {
+    /// Builds the client and starts the tier's runtime thread. No request is
+    /// sent: a server that is down makes the tier degraded, not the start fail.
+    pub fn open(spec: &ObjectSpec) -> Result<ObjectDevice, DeviceError> {
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&spec.bucket);
+        if let Some(e) = &spec.endpoint {
+            b = b.with_endpoint(e);
+        }
+        let allow_http = spec
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        let region = spec
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".into());
+        b = b.with_region(region);
+        if let Some(k) = &spec.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &spec.secret_access_key {
+            b = b.with_secret_access_key(s);
+        }
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: spec.retries as usize,
+            retry_timeout: Duration::from_millis(spec.timeout_ms * (spec.retries + 1)),
+        };
+        // (Client options replace the builder's: allow_http belongs here.)
+        let opts = object_store::ClientOptions::new()
+            .with_allow_http(allow_http)
+            .with_connect_timeout(Duration::from_millis(spec.timeout_ms.min(2000)))
+            .with_timeout(Duration::from_millis(spec.timeout_ms));
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            b.with_retry(retry)
+                .with_client_options(opts)
+                .build()
+                .map_err(|e| DeviceError::Io(format!("{spec}: {e}")))?,
+        );
+        let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
+        let tier = Arc::new(ObjectTier {
+            spec: spec.clone(),
+            tier_name: OnceLock::new(),
+            jobs,
+            degraded: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            stats: ObjectStats::default(),
+            last_log_ns: AtomicU64::new(0),
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DeviceError::Io(format!("{spec}: tokio runtime: {e}")))?;
+        let weak = Arc::downgrade(&tier);
+        std::thread::Builder::new()
+            .name("kiln-s3".into())
+            .spawn(move || runtime.block_on(run_jobs(store, weak, rx)))
+            .map_err(|e| DeviceError::Io(format!("{spec}: runtime thread: {e}")))?;
+        Ok(ObjectDevice {
+            info: DeviceInfo {
+                name: spec.to_string(),
+                product: "s3",
+                block_size: 4096,
+                num_blocks: DEVICE_BYTES / 4096,
+                buf_align: 1,
+                persistent: true,
+                volatile_write_cache: false,
+            },
+            tier,
+        })
+    }
+}
+
+/// The runtime thread: one task per request; a probe while degraded. Ends
+/// when every sender (the device) is gone.
+async fn run_jobs(
+    store: Arc<dyn ObjectStore>,
+    tier: std::sync::Weak<ObjectTier>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let headers: Arc<Mutex<HashMap<u64, Arc<[u32]>>>> = Arc::new(Mutex::new(HashMap::new()));
+    let probe = {
+        let (store, tier) = (store.clone(), tier.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(t) = tier.upgrade() else { return };
+                if !t.is_degraded() {
+                    continue;
+                }
+                let key = ObjectPath::from(t.spec.key(u64::MAX));
+                match store.head(&key).await {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                        t.failures.store(0, Ordering::Relaxed);
+                        t.degraded.store(false, Ordering::Release);
+                        tracing::warn!(tier = %t.tier_name(), "object tier '{}' ({}) answers again: no longer degraded", t.tier_name(), t.spec);
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    while let Some(job) = rx.recv().await {
+        let Some(t) = tier.upgrade() else { break };
+        let (store, headers) = (store.clone(), headers.clone());
+        tokio::spawn(async move { handle(store, t, headers, job).await });
+    }
+    probe.abort();
+}
+
+async fn handle(
+    store: Arc<dyn ObjectStore>,
+    t: Arc<ObjectTier>,
+    headers: Arc<Mutex<HashMap<u64, Arc<[u32]>>>>,
+    job: Job,
+) {
+    match job {
+        Job::Read {
+            gen,
+            offset,
+            len,
+            buf,
+            tag,
+            done,
+        } => {
+            let result = match read_range(&store, &t, &headers, gen, offset, len).await {
+                Ok(data) => {
+                    let skip = (offset % CRC_BLOCK_BYTES) as usize;
+                    // SAFETY: the channel's submit contract keeps `buf` valid for `len`
+                    // bytes, untouched by anyone else, until this completion is reaped.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data[skip..].as_ptr(),
+                            buf as *mut u8,
+                            len as usize,
+                        )
+                    };
+                    0
+                }
+                Err(errno) => -errno,
+            };
+            done.complete(Completion { tag, result });
+        }
+        Job::Put { gen, body, reply } => {
+            let key = ObjectPath::from(t.spec.key(gen));
+            let n = body.len() as u64;
+            let r = put(&store, &t, &key, body).await;
+            match &r {
+                Ok(()) => {
+                    t.succeeded();
+                    t.stats.puts.fetch_add(1, Ordering::Relaxed);
+                    t.stats.put_bytes.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => t.failed(&format!("PUT {key}"), e),
+            }
+            let _ = reply
+                .send(r.map_err(|e| format!("object tier '{}': PUT {key}: {e}", t.tier_name())));
+        }
+        Job::Get { gen, reply } => {
+            let key = ObjectPath::from(t.spec.key(gen));
+            let r = match store.get(&key).await {
+                Ok(g) => g.bytes().await,
+                Err(e) => Err(e),
+            };
+            match &r {
+                Ok(b) => {
+                    t.succeeded();
+                    t.stats.gets.fetch_add(1, Ordering::Relaxed);
+                    t.stats
+                        .get_bytes
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => t.failed(&format!("GET {key}"), e),
+            }
+            let _ = reply
+                .send(r.map_err(|e| format!("object tier '{}': GET {key}: {e}", t.tier_name())));
+        }
+        Job::List { reply } => {
+            use futures::StreamExt;
+            let prefix =
+                (!t.spec.prefix.is_empty()).then(|| ObjectPath::from(t.spec.prefix.as_str()));
+            let mut stream = store.list(prefix.as_ref());
+            let mut gens = Vec::new();
+            let mut err = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(meta) => {
+                        if let Some(g) = meta
+                            .location
+                            .filename()
+                            .and_then(|f| f.strip_prefix("kiln-obj-"))
+                            .and_then(|h| u64::from_str_radix(h, 16).ok())
+                        {
+                            gens.push(g);
+                        }
+                    }
+                    Err(e) => {
+                        t.failed("LIST", &e);
+                        err = Some(format!("object tier '{}': LIST: {e}", t.tier_name()));
+                        break;
+                    }
+                }
+            }
+            if err.is_none() {
+                t.succeeded();
+            }
+            let _ = reply.send(match err {
+                Some(e) => Err(e),
+                None => Ok(gens),
+            });
+        }
+        Job::Delete { gens, reply } => {
+            let mut deleted = 0u64;
+            let mut err = None;
+            for gen in gens {
+                headers.lock().unwrap().remove(&gen);
+                let key = ObjectPath::from(t.spec.key(gen));
+                match store.delete(&key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                        deleted += 1;
+                        t.stats.deletes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        t.failed(&format!("DELETE {key}"), &e);
+                        err = Some(format!(
+                            "object tier '{}': DELETE {key}: {e}",
+                            t.tier_name()
+                        ));
+                    }
+                }
+            }
+            if let Some(r) = reply {
+                let _ = r.send(match err {
+                    Some(e) => Err(e),
+                    None => Ok(deleted),
+                });
+            }
+        }
+    }
+}
+
+async fn put(
+    store: &Arc<dyn ObjectStore>,
+    t: &ObjectTier,
+    key: &ObjectPath,
+    body: Vec<u8>,
+) -> object_store::Result<()> {
+    if body.len() <= MULTIPART_PART_BYTES {
+        return store.put(key, PutPayload::from(body)).await.map(|_| ());
+    }
+    let body = Bytes::from(body);
+    let mut upload = store.put_multipart(key).await?;
+    let mut at = 0;
+    while at < body.len() {
+        let end = (at + MULTIPART_PART_BYTES).min(body.len());
+        if let Err(e) = upload.put_part(PutPayload::from(body.slice(at..end))).await {
+            let _ = upload.abort().await;
+            return Err(e);
+        }
+        at = end;
+    }
+    upload.complete().await?;
+    t.stats.multipart_puts.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` of generation `gen`'s data: one ranged GET of
+/// the 64 KiB blocks they touch, each checked against the header's crc32c.
+/// Returns the blocks (the caller skips to `offset`), or an errno.
+async fn read_range(
+    store: &Arc<dyn ObjectStore>,
+    t: &ObjectTier,
+    headers: &Mutex<HashMap<u64, Arc<[u32]>>>,
+    gen: u64,
+    offset: u64,
+    len: u32,
+) -> Result<Bytes, i32> {
+    let key = ObjectPath::from(t.spec.key(gen));
+    let cached = headers.lock().unwrap().get(&gen).cloned();
+    let crcs = match cached {
+        Some(c) => c,
+        None => {
+            let raw = store.get_range(&key, 0..HEADER_BYTES).await.map_err(|e| {
+                t.failed(&format!("GET header of {key}"), &e);
+                libc::EIO
+            })?;
+            let h = ObjectHeader::decode(&raw).map_err(|e| {
+                tracing::error!(tier = %t.tier_name(), "object tier '{}': {key}: {e}", t.tier_name());
+                t.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
+                libc::EIO
+            })?;
+            if h.generation != gen {
+                tracing::error!(tier = %t.tier_name(), "object tier '{}': {key} holds generation {}", t.tier_name(), h.generation);
+                return Err(libc::EIO);
+            }
+            let c: Arc<[u32]> = h.crcs.into();
+            let mut map = headers.lock().unwrap();
+            if map.len() >= 65536 {
+                map.clear();
+            }
+            map.insert(gen, c.clone());
+            c
+        }
+    };
+    let first = offset / CRC_BLOCK_BYTES;
+    let end = (offset + len as u64).div_ceil(CRC_BLOCK_BYTES);
+    if end as usize > crcs.len() {
+        tracing::error!(tier = %t.tier_name(), "object tier '{}': read of {key} at {offset}+{len} past its {} blocks", t.tier_name(), crcs.len());
+        return Err(libc::EIO);
+    }
+    let range = HEADER_BYTES + first * CRC_BLOCK_BYTES..HEADER_BYTES + end * CRC_BLOCK_BYTES;
+    let data = store.get_range(&key, range).await.map_err(|e| {
+        t.failed(&format!("GET {key}"), &e);
+        libc::EIO
+    })?;
+    t.succeeded();
+    t.stats.gets.fetch_add(1, Ordering::Relaxed);
+    t.stats
+        .get_bytes
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    if data.len() as u64 != (end - first) * CRC_BLOCK_BYTES {
+        tracing::error!(tier = %t.tier_name(), "object tier '{}': short ranged GET of {key}", t.tier_name());
+        return Err(libc::EIO);
+    }
+    for (i, block) in data.chunks(CRC_BLOCK_BYTES as usize).enumerate() {
+        let want = crcs[first as usize + i];
+        let got = crc32c::crc32c(block);
+        if want != got {
+            t.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                tier = %t.tier_name(),
+                "object tier '{}': {key} block {} crc32c mismatch: header {want:#010x}, data {got:#010x}",
+                t.tier_name(),
+                first as usize + i
+            );
+            return Err(libc::EIO);
+        }
+    }
+    Ok(data)
+}
+
+impl BlockDevice for ObjectDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self, opts: &ChannelOptions<'_>) -> Result<Box<dyn IoChannel>, DeviceError> {
+        let depth = opts.queue_depth.max(1) as usize;
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(DeviceError::Io(format!(
+                "{}: eventfd: {}",
+                self.info.name,
+                std::io::Error::last_os_error()
+            )));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(depth);
+        Ok(Box::new(ObjectChannel {
+            tier: self.tier.clone(),
+            done: Arc::new(ChanDone {
+                tx,
+                eventfd: fd,
+                signaled: AtomicBool::new(false),
+            }),
+            rx,
+            ready: VecDeque::with_capacity(depth),
+            depth,
+            inflight: 0,
+        }))
+    }
+
+    fn object_tier(&self) -> Option<Arc<ObjectTier>> {
+        Some(self.tier.clone())
+    }
+}
+
+/// One reactor's queue on the object tier: reads only.
+struct ObjectChannel {
+    tier: Arc<ObjectTier>,
+    done: Arc<ChanDone>,
+    rx: Receiver<Completion>,
+    /// Completions decided at submit (flush, refused reads).
+    ready: VecDeque<Completion>,
+    depth: usize,
+    inflight: usize,
+}
+
+impl IoChannel for ObjectChannel {
+    unsafe fn submit(&mut self, req: &IoRequest) -> Result<(), SubmitError> {
+        if self.inflight >= self.depth {
+            return Err(SubmitError::QueueFull);
+        }
+        match req.kind {
+            IoKind::Flush => {
+                self.ready.push_back(Completion {
+                    tag: req.tag,
+                    result: 0,
+                });
+            }
+            IoKind::Read => {
+                let (gen, offset) = locate(req.offset_bytes);
+                if offset + req.len_bytes as u64 > OBJECT_SPAN_BYTES {
+                    return Err(SubmitError::OutOfRange);
+                }
+                if self.tier.is_degraded() {
+                    self.tier.log_refused(gen);
+                    self.ready.push_back(Completion {
+                        tag: req.tag,
+                        result: -libc::EIO,
+                    });
+                } else {
+                    let job = Job::Read {
+                        gen,
+                        offset,
+                        len: req.len_bytes,
+                        buf: req.buf as usize,
+                        tag: req.tag,
+                        done: self.done.clone(),
+                    };
+                    if self.tier.jobs.send(job).is_err() {
+                        self.ready.push_back(Completion {
+                            tag: req.tag,
+                            result: -libc::EIO,
+                        });
+                    }
+                }
+            }
+            // Object data is immutable: the volume layer promotes before writing.
+            _ => return Err(SubmitError::Unsupported),
+        }
+        self.inflight += 1;
+        Ok(())
+    }
+
+    fn poll_completions(&mut self, out: &mut [Completion]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            let Some(c) = self.ready.pop_front() else {
+                break;
+            };
+            out[n] = c;
+            n += 1;
+        }
+        if self.done.signaled.swap(false, Ordering::Acquire) {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+            unsafe {
+                libc::read(
+                    self.done.eventfd,
+                    &mut v as *mut u64 as *mut libc::c_void,
+                    8,
+                )
+            };
+        }
+        while n < out.len() {
+            match self.rx.try_recv() {
+                Ok(c) => {
+                    out[n] = c;
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.inflight -= n;
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    fn notifier_fd(&self) -> Option<RawFd> {
+        Some(self.done.eventfd)
+    }
+
+    fn next_deadline_ns(&self) -> Option<u64> {
+        // Completions decided at submit are due now.
+        (!self.ready.is_empty()).then(crate::clock::now_ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_parses_and_redacts() {
+        let s = ObjectSpec::parse(
+            "//bkt/a/b?endpoint=http://127.0.0.1:9000&region=eu-west-1&secret_access_key=hunter2",
+        )
+        .unwrap();
+        assert_eq!(s.bucket, "bkt");
+        assert_eq!(s.prefix, "a/b");
+        assert_eq!(s.key(0x2a), "a/b/kiln-obj-000000000000002a");
+        let shown = format!("{s} {s:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(ObjectSpec::parse("//").is_err());
+        assert!(ObjectSpec::parse("//b?colour=red")
+            .unwrap_err()
+            .contains("colour"));
+    }
+
+    #[test]
+    fn header_round_trip_and_corruption() {
+        let data = vec![7u8; 3 * CRC_BLOCK_BYTES as usize];
+        let h = ObjectHeader::for_data("vol0", 48, 9, &data);
+        let mut b = h.encode();
+        assert_eq!(ObjectHeader::decode(&b).unwrap(), h);
+        b[200] ^= 1;
+        assert!(ObjectHeader::decode(&b).unwrap_err().contains("crc32c"));
+        assert_eq!(locate(OBJECT_SPAN_BYTES * 3 + 4096), (3, 4096));
+    }
+}
