@@ -1015,13 +1015,16 @@ impl Migrator {
         for p in &plan {
             vol.map.set_migration(p.0, p.1, Migration::Shadow(p.3));
         }
-        let result = copied.and_then(|()| {
-            self.meta_call(|reply| MetaRequest::SwitchMany {
-                volume,
-                runs: plan.clone(),
-                reply,
-            })
-        });
+        // Copies durable before the record that points at them (see `flush_tier`).
+        let result = copied
+            .and_then(|()| self.flush_tier(to_tier))
+            .and_then(|()| {
+                self.meta_call(|reply| MetaRequest::SwitchMany {
+                    volume,
+                    runs: plan.clone(),
+                    reply,
+                })
+            });
         self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
         self.stats
             .inflight_bytes

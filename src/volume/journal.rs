@@ -856,6 +856,17 @@ impl MetaService {
                 break;
             }
         }
+        // ... durably: the map record is FUA, and on a device with a volatile write cache
+        // the zeros could otherwise be lost at a crash while the record survives, exposing
+        // the space's previous contents (found by `kiln sim`, seed 1).
+        let mut zeroed: Vec<u8> = new_space.iter().map(|&(t, _, _)| t).collect();
+        zeroed.sort_unstable();
+        zeroed.dedup();
+        for tier in zeroed {
+            if result.is_ok() {
+                result = self.sync(tier as usize, IoKind::Flush, 0, 0, false);
+            }
+        }
         if result.is_ok() {
             result = self.commit(&records);
         }
