@@ -112,6 +112,28 @@ pub struct NbdPoller {
     polls: u64,
 }
 
+/// One non-blocking `sendmsg` of the first `n_iov` iovecs. `Ok(bytes)` on progress;
+/// `Err(fatal)` when nothing was sent, `fatal` false for EAGAIN (try again later).
+pub(crate) fn send_iovecs(fd: RawFd, iov: &mut [libc::iovec], n_iov: usize) -> Result<usize, bool> {
+    let msg = libc::msghdr {
+        msg_name: std::ptr::null_mut(),
+        msg_namelen: 0,
+        msg_iov: iov.as_mut_ptr(),
+        msg_iovlen: n_iov,
+        msg_control: std::ptr::null_mut(),
+        msg_controllen: 0,
+        msg_flags: 0,
+    };
+    // SAFETY: the caller's iovecs point into memory that stays valid for the call
+    // (reply headers and DMA buffers owned by in-use request slots).
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(e.kind() != std::io::ErrorKind::WouldBlock);
+    }
+    Ok(n as usize)
+}
+
 pub(crate) fn set_nonblocking_nodelay(fd: RawFd) {
     // SAFETY: fcntl on an fd we own; flags are read then written back.
     unsafe {
@@ -320,22 +342,10 @@ impl NbdPoller {
                     n_iov += 1;
                 }
             }
-            let msg = libc::msghdr {
-                msg_name: std::ptr::null_mut(),
-                msg_namelen: 0,
-                msg_iov: iov.as_mut_ptr(),
-                msg_iovlen: n_iov,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
+            let n = match send_iovecs(fd, &mut iov, n_iov) {
+                Ok(n) => n,
+                Err(fatal) => return (progress, fatal),
             };
-            // SAFETY: the iovecs point into headers owned by `outq` and DMA buffers owned by
-            // in-use slots; both outlive the call.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
-            }
             progress = true;
             let mut left = n as u32;
             while left > 0 {

@@ -25,6 +25,7 @@
 pub mod ctrl;
 pub mod service;
 
+use crate::target::nbd::send_iovecs;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -1188,22 +1189,10 @@ impl NvmfPoller {
                     n_iov += 1;
                 }
             }
-            let msg = libc::msghdr {
-                msg_name: std::ptr::null_mut(),
-                msg_namelen: 0,
-                msg_iov: iov.as_mut_ptr(),
-                msg_iovlen: n_iov,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
+            let n = match send_iovecs(fd, &mut iov, n_iov) {
+                Ok(n) => n,
+                Err(fatal) => return (progress, fatal),
             };
-            // SAFETY: the iovecs point into headers owned by `outq` and DMA buffers owned
-            // by slots in the Responding state; both outlive the call.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
-            }
             progress = true;
             let mut left = n as u32;
             while left > 0 {
