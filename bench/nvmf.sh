@@ -10,9 +10,10 @@
 # Then `kiln bench --device nvmf://127.0.0.1:PORT/NQN/1 --cores BENCH_CORE` runs 4 KiB
 # randread at QD32 and QD128 (one I/O queue, one connection).
 #
-# Goal (SPDK nvmf_tgt + spdk_nvme_perf on this machine kind): 312k IOPS at QD32, 544k at QD128. Both reactors busy-poll; on a shared,
-oversubscribed machine (see the load average) the mean and p99 are dominated by the
-reactors being descheduled, and p50 is closer to the undisturbed round trip.
+# Goal (SPDK nvmf_tgt + spdk_nvme_perf on this machine kind): 312k IOPS at QD32, 544k at
+# QD128. Both reactors busy-poll; on a shared, oversubscribed machine (see the load average)
+# the mean and p99 are dominated by the reactors being descheduled, and p50 is closer to the
+# undisturbed round trip.
 #
 # Writes a table with the exact commands into bench/RESULTS.md between
 # <!-- nvmf:begin --> and <!-- nvmf:end -->, and ends with one line:

@@ -843,3 +843,146 @@ fn discovery_keep_alive_and_rpc() {
     assert_eq!(s["allow_any_host"], false);
     assert_eq!(s["listen_addresses"][0]["trsvcid"], port2.to_string());
 }
+
+impl Raw {
+    fn set_aec(&mut self, aec: u32) {
+        let sqe = Sqe {
+            opcode: p::ADMIN_SET_FEATURES,
+            cdw10: 0x0b,
+            cdw11: aec,
+            ..Default::default()
+        };
+        assert_eq!(self.cmd(sqe, &[]).0.status, 0, "Set Features AEC");
+    }
+
+    fn send_aer(&mut self) -> u16 {
+        self.send_capsule(
+            Sqe {
+                opcode: p::ADMIN_ASYNC_EVENT,
+                ..Default::default()
+            },
+            &[],
+        )
+    }
+
+    fn expect_aer(&mut self, cid: u16, dw0: u32) {
+        match self.recv().map(|g| g.pdu) {
+            Some(Pdu::CapsuleResp(c)) => {
+                assert_eq!(c.cid, cid, "the held AER completes");
+                assert_eq!(c.status, 0);
+                assert_eq!(c.dw0, dw0, "event type / information / log page");
+            }
+            other => panic!("expected the AER completion, got {other:?}"),
+        }
+    }
+
+    /// Log page 0x04 (Changed Namespace List): the NSIDs before the first zero.
+    fn changed_ns(&mut self) -> Vec<u32> {
+        let (c, log) = self.cmd(
+            Sqe {
+                opcode: p::ADMIN_GET_LOG_PAGE,
+                cdw10: 0x04 | (1023 << 16),
+                sgl_len: 4096,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(c.status, 0);
+        (0..1024)
+            .map(|i| p::le32(&log, i * 4))
+            .take_while(|n| *n != 0)
+            .collect()
+    }
+}
+
+#[test]
+fn async_event_notices_for_namespace_and_discovery_changes() {
+    let t = start("nvmf-aen");
+    let add_ns = |nsid: u32| {
+        let got = t.k.rpc(
+            "nvmf_subsystem_add_ns",
+            Some(&format!(
+                r#"{{"nqn":"{NQN}","namespace":{{"bdev_name":"vol0","nsid":{nsid}}}}}"#
+            )),
+        );
+        assert_eq!(got, nsid as u64);
+    };
+    const NS_NOTICE: u32 = 0x0004_0002; // Notice, Namespace Attribute Changed, log 0x04
+    let (mut a, _io, _) = controller(t.port, Digests::default());
+    a.set_aec(1 << 8);
+    let aer1 = a.send_aer();
+    let aer2 = a.send_aer();
+    add_ns(2);
+    a.expect_aer(aer1, NS_NOTICE);
+    // Masked until the log is read: NS 3 is recorded but not reported.
+    add_ns(3);
+    assert_eq!(a.changed_ns(), vec![2, 3], "changed namespace list");
+    assert_eq!(
+        a.changed_ns(),
+        Vec::<u32>::new(),
+        "reading the log cleared it"
+    );
+    let (c, list) = a.cmd(
+        Sqe {
+            opcode: p::ADMIN_IDENTIFY,
+            cdw10: 2,
+            sgl_len: 4096,
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(c.status, 0);
+    assert_eq!(
+        (p::le32(&list, 0), p::le32(&list, 4), p::le32(&list, 8)),
+        (1, 2, 3)
+    );
+    // Unmasked again: the next change completes the second AER.
+    add_ns(4);
+    a.expect_aer(aer2, NS_NOTICE);
+    assert_eq!(a.changed_ns(), vec![4]);
+
+    // Without AEC bit 8 nothing is reported; the log still records the change.
+    let (mut b, _io2, _) = controller(t.port, Digests::default());
+    let aer = b.send_aer();
+    add_ns(5);
+    assert_eq!(b.changed_ns(), vec![5]);
+    let (c, _) = b.cmd(
+        Sqe {
+            opcode: p::ADMIN_KEEP_ALIVE,
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(c.status, 0, "the held AER did not complete in its place");
+    b.set_aec(1 << 8);
+    add_ns(6);
+    b.expect_aer(aer, NS_NOTICE);
+
+    // Discovery controller: a new listener is a Discovery Log Page Change notice.
+    let mut d = Raw::ic(t.port, Digests::default());
+    assert_eq!(d.connect(0, 0xfffe, HOST, 0).status, 0);
+    assert_eq!(d.prop_set_cc(1).status, 0);
+    d.set_aec(1 << 31);
+    let aer = d.send_aer();
+    let port2 = free_port();
+    t.k.rpc(
+        "nvmf_subsystem_add_listener",
+        Some(&format!(r#"{{"nqn":"{NQN}","listen_address":{{"trtype":"tcp","traddr":"127.0.0.1","trsvcid":"{port2}"}}}}"#)),
+    );
+    d.expect_aer(aer, 0x0070_f002);
+    let (c, log) = d.cmd(
+        Sqe {
+            opcode: p::ADMIN_GET_LOG_PAGE,
+            cdw10: 0x70 | (1023 << 16),
+            sgl_len: 4096,
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(c.status, 0);
+    assert_eq!(
+        p::le64(&log, 8),
+        2,
+        "two discovery records after the new listener"
+    );
+}

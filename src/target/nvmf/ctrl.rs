@@ -26,6 +26,12 @@ pub const QUEUE_ENTRIES_MAX: u16 = 128;
 pub const NSID_MAX: u32 = crate::config::NAMESPACES_MAX as u32;
 /// Async Event Requests a controller holds at most (AERL + 1).
 pub const AER_MAX: usize = 4;
+/// Changed Namespace List entries (log page 0x04) before it reports 0xFFFFFFFF.
+pub const CHANGED_NS_MAX: usize = 1024;
+/// Pending asynchronous event: Namespace Attribute Changed (notice 0x00, log page 0x04).
+pub const AEN_NS_CHANGED: u32 = 1;
+/// Pending asynchronous event: Discovery Log Page Change (notice 0xF0, log page 0x70).
+pub const AEN_DISCOVERY_CHANGED: u32 = 2;
 /// I/O queues a controller may have.
 pub const IO_QUEUES_MAX: u16 = 64;
 /// In-capsule data on I/O queues: IOCCSZ = (64 + 8192) / 16.
@@ -78,6 +84,13 @@ pub struct Ctrl {
     pub dead: AtomicBool,
     /// Connected I/O queue ids.
     pub qids: Mutex<Vec<u16>>,
+    /// Asynchronous events waiting for a held Async Event Request (`AEN_*` bits).
+    pub aen_pending: AtomicU32,
+    /// Events reported and not yet acknowledged by reading their log page: the
+    /// controller sends no second notice of the same kind until the host reads it.
+    pub aen_masked: AtomicU32,
+    /// Changed Namespace List (log page 0x04) since the host last read it.
+    pub changed_ns: Mutex<Vec<u32>>,
 }
 
 /// Every subsystem, plus the discovery subsystem.
@@ -200,8 +213,14 @@ impl Registry {
             .cloned()
     }
 
+    /// The discovery log changed: bump its generation and tell the discovery
+    /// controllers (Discovery Log Page Change notice).
     fn bump(&self) {
         self.genctr.fetch_add(1, Ordering::Relaxed);
+        for c in self.discovery.ctrls.lock().unwrap().iter() {
+            c.aen_pending
+                .fetch_or(AEN_DISCOVERY_CHANGED, Ordering::Release);
+        }
     }
 
     /// `nvmf_create_subsystem`.
@@ -283,6 +302,18 @@ impl Registry {
         });
         ns.sort_by_key(|n| n.nsid);
         s.ns_generation.fetch_add(1, Ordering::Release);
+        drop(ns);
+        for c in s.ctrls.lock().unwrap().iter() {
+            let mut list = c.changed_ns.lock().unwrap();
+            if list.len() < CHANGED_NS_MAX && !list.contains(&nsid) {
+                list.push(nsid);
+            } else if list.len() >= CHANGED_NS_MAX {
+                // More than 1024 changes: the list is one 0xFFFFFFFF entry.
+                list.clear();
+                list.push(u32::MAX);
+            }
+            c.aen_pending.fetch_or(AEN_NS_CHANGED, Ordering::Release);
+        }
         self.bump();
         Ok(nsid)
     }
@@ -435,6 +466,9 @@ pub fn connect(
             io_queues: AtomicU16::new(0),
             dead: AtomicBool::new(false),
             qids: Mutex::new(Vec::new()),
+            aen_pending: AtomicU32::new(0),
+            aen_masked: AtomicU32::new(0),
+            changed_ns: Mutex::new(Vec::new()),
         });
         ctrls.push(ctrl.clone());
         return Ok(Connected {
@@ -512,6 +546,49 @@ impl Ctrl {
     /// Releases an I/O queue id (its connection closed).
     pub fn release_qid(&self, qid: u16) {
         self.qids.lock().unwrap().retain(|q| *q != qid);
+    }
+
+    /// The next asynchronous event to report on a held Async Event Request, as the
+    /// completion's dword 0 (type Notice, information, log page), or `None`.
+    /// Events the host disabled in Asynchronous Event Configuration are dropped;
+    /// events of a kind already reported and not yet read stay pending.
+    pub fn take_event(&self) -> Option<u32> {
+        let pending = self.aen_pending.load(Ordering::Acquire);
+        if pending == 0 {
+            return None;
+        }
+        let aec = self.aec.load(Ordering::Relaxed);
+        let masked = self.aen_masked.load(Ordering::Relaxed);
+        for (bit, enable, info, lid) in [
+            (AEN_NS_CHANGED, 1u32 << 8, 0x00u32, 0x04u32),
+            (AEN_DISCOVERY_CHANGED, 1 << 31, 0xf0, 0x70),
+        ] {
+            if pending & bit == 0 {
+                continue;
+            }
+            if aec & enable == 0 {
+                self.aen_pending.fetch_and(!bit, Ordering::AcqRel);
+                continue;
+            }
+            if masked & bit != 0 {
+                continue;
+            }
+            self.aen_pending.fetch_and(!bit, Ordering::AcqRel);
+            self.aen_masked.fetch_or(bit, Ordering::Relaxed);
+            const NOTICE: u32 = 2;
+            return Some(NOTICE | info << 8 | lid << 16);
+        }
+        None
+    }
+
+    /// The host read the log page of event kind `bit`: unmask it and, unless
+    /// it asked to retain the event (RAE), forget what that read reported.
+    fn event_log_read(&self, bit: u32, rae: bool) {
+        if rae {
+            return;
+        }
+        self.aen_pending.fetch_and(!bit, Ordering::AcqRel);
+        self.aen_masked.fetch_and(!bit, Ordering::Relaxed);
     }
 
     /// Tears the controller down: its I/O queues close on their reactors.
@@ -849,7 +926,10 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe, out: &mut [u8]) -> AdminOutcome {
     // Build the whole page, then copy the requested window.
     let mut page: Vec<u8>;
     match lid {
-        0x70 if ctrl.discovery => page = discovery_log(ctx.reg, &ctrl.hostnqn),
+        0x70 if ctrl.discovery => {
+            page = discovery_log(ctx.reg, &ctrl.hostnqn);
+            ctrl.event_log_read(AEN_DISCOVERY_CHANGED, sqe.cdw10 & (1 << 15) != 0);
+        }
         0x01 => page = vec![0; 64],
         0x02 if !ctrl.discovery => {
             page = vec![0; 512];
@@ -874,7 +954,18 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe, out: &mut [u8]) -> AdminOutcome {
             page[0] = 1; // active slot 1
             put_ascii_padded(&mut page[8..16], env!("CARGO_PKG_VERSION"));
         }
-        0x04 if !ctrl.discovery => page = vec![0; 4096],
+        0x04 if !ctrl.discovery => {
+            page = vec![0; 4096];
+            let rae = sqe.cdw10 & (1 << 15) != 0;
+            let mut list = ctrl.changed_ns.lock().unwrap();
+            for (i, nsid) in list.iter().enumerate() {
+                put32(&mut page, i * 4, *nsid);
+            }
+            if !rae {
+                list.clear();
+            }
+            ctrl.event_log_read(AEN_NS_CHANGED, rae);
+        }
         0x05 if !ctrl.discovery => {
             page = vec![0; 4096];
             for opc in [

@@ -321,6 +321,16 @@ impl Conn {
         }
     }
 
+    /// Completes one held Async Event Request with event `dw0`.
+    fn complete_aer(&mut self, dw0: u32) {
+        let Some(slot) = self.reqs.iter().position(|r| r.state == ReqState::AerHeld) else {
+            return;
+        };
+        self.aers -= 1;
+        tracing::debug!(peer = %self.peer, dw0 = format_args!("{dw0:#x}"), "asynchronous event");
+        self.respond(slot as u16, p::STATUS_SUCCESS, dw0, 0, 0);
+    }
+
     /// Queues the response of `slot`: C2HData with `data_len` bytes of its buffer
     /// (when it succeeded and moves data to the host), then CapsuleResp unless
     /// the C2HData carries SUCCESS.
@@ -1310,6 +1320,12 @@ impl Poller for NvmfPoller {
                     c.kill();
                     conn.phase = Phase::Closing;
                     conn.dead = true;
+                }
+            }
+            if conn.aers > 0 && conn.phase == Phase::Active {
+                if let Some(dw0) = conn.ctrl.as_ref().and_then(|c| c.take_event()) {
+                    conn.complete_aer(dw0);
+                    busy = true;
                 }
             }
             let (p1, e1) = Self::flush(conn, ctx.pool);

@@ -184,6 +184,13 @@ impl NvmfService {
             })(),
             _ => return None,
         };
+        if r.is_ok() && method != "nvmf_get_subsystems" {
+            // Controllers holding Async Event Requests report the change; their
+            // reactors may be parked.
+            for (h, _) in &self.reactors {
+                h.wake();
+            }
+        }
         Some(r)
     }
 }
