@@ -940,6 +940,27 @@ fn async_event_notices_for_namespace_and_discovery_changes() {
     add_ns(4);
     a.expect_aer(aer2, NS_NOTICE);
     assert_eq!(a.changed_ns(), vec![4]);
+    // Abort of a held AER completes it with Command Abort Requested.
+    let aer3 = a.send_aer();
+    let abort = a.send_capsule(
+        Sqe {
+            opcode: p::ADMIN_ABORT,
+            cdw10: (aer3 as u32) << 16,
+            ..Default::default()
+        },
+        &[],
+    );
+    for _ in 0..2 {
+        match a.recv().map(|g| g.pdu) {
+            Some(Pdu::CapsuleResp(c)) if c.cid == aer3 => {
+                assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_ABORT_REQUESTED));
+            }
+            Some(Pdu::CapsuleResp(c)) if c.cid == abort => {
+                assert_eq!((c.status, c.dw0 & 1), (0, 0), "Abort: command aborted");
+            }
+            other => panic!("expected the AER and Abort completions, got {other:?}"),
+        }
+    }
 
     // Without AEC bit 8 nothing is reported; the log still records the change.
     let (mut b, _io2, _) = controller(t.port, Digests::default());

@@ -101,6 +101,7 @@ pub const SC_INVALID_OPCODE: u8 = 0x01;
 pub const SC_INVALID_FIELD: u8 = 0x02;
 pub const SC_DATA_TRANSFER_ERROR: u8 = 0x04;
 pub const SC_INTERNAL: u8 = 0x06;
+pub const SC_ABORT_REQUESTED: u8 = 0x07;
 pub const SC_INVALID_NS: u8 = 0x0b;
 pub const SC_CMD_SEQ_ERROR: u8 = 0x0c;
 pub const SC_SGL_LENGTH_INVALID: u8 = 0x0f;

@@ -702,7 +702,9 @@ pub fn admin_command(ctx: &mut AdminCtx<'_>, sqe: &Sqe, out: &mut [u8]) -> Admin
                 AdminOutcome::HoldAer
             }
         }
-        // Abort: dw0 bit 0 set = the command was not aborted (allowed by the spec).
+        // Abort of anything but a held AER (handled by the queue): dw0 bit 0 set =
+        // not aborted, allowed by the spec. I/O already handed to the volume engine
+        // runs to completion.
         p::ADMIN_ABORT => ok_dw0(1),
         _ => done(p::status(p::SCT_GENERIC, p::SC_INVALID_OPCODE)),
     }

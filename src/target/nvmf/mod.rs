@@ -593,6 +593,20 @@ impl NvmfPoller {
                 _ => conn.respond(slot, generic(p::SC_INVALID_FIELD), 0, 0, 0),
             };
         }
+        if conn.qid == 0 && sqe.opcode == p::ADMIN_ABORT && sqe.cdw10 & 0xffff == 0 {
+            // Abort of an admin command: a held Async Event Request is the only one
+            // that can still be waiting; anything else already completed.
+            let cid = (sqe.cdw10 >> 16) as u16;
+            let held = conn
+                .reqs
+                .iter()
+                .position(|r| r.state == ReqState::AerHeld && r.sqe.cid == cid);
+            if let Some(aer) = held {
+                conn.aers -= 1;
+                conn.respond(aer as u16, generic(p::SC_ABORT_REQUESTED), 0, 0, 0);
+                return conn.respond(slot, p::STATUS_SUCCESS, 0, 0, 0);
+            }
+        }
         if conn.qid == 0 {
             let ctrl = conn.ctrl.clone().expect("connected");
             let buf = r.buf;
