@@ -64,6 +64,8 @@ const QUEUE_DEPTH_MAX: usize = 8;
 const COLD_COPY_UNIT_BYTES: u64 = 4 << 20;
 /// Consecutive failed chunks after which the move gives up (it stays resumable).
 const FAILURES_MAX: u64 = 64;
+/// Largest cold chunk moved as one batch (copy, read-back, one commit).
+const COLD_BATCH_BYTES: u64 = 64 << 20;
 
 /// Chunking strategy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -540,11 +542,38 @@ impl Orchestrator<'_> {
         }
         let src = self.pending(first);
         let t0 = Instant::now();
+        // A cold chunk moves as one batch: one lock/grace round, one flush and one
+        // journal commit for up to COLD_BATCH_BYTES, instead of one per copy unit.
+        // The naive baseline keeps its per-unit protocol; a failed batch falls back
+        // to it too.
+        let batched = if hot || self.job.mode == MoveMode::Naive {
+            None
+        } else {
+            let runs = self.runs_of(first, count);
+            let g = self.granule_bytes;
+            let total: u64 = runs.iter().map(|r| r.1).sum();
+            (!runs.is_empty() && total * g <= COLD_BATCH_BYTES).then(|| {
+                self.migrator
+                    .migrate_batch(self.job.volume, &runs, self.job.to_tier)
+            })
+        };
         let st = &self.job.status;
-        match self
-            .migrator
-            .migrate(self.job.volume, first, count, self.job.to_tier)
-        {
+        let result = match batched {
+            Some(Ok(bytes)) => Ok(bytes),
+            Some(Err(e)) => {
+                tracing::info!(
+                    first,
+                    count,
+                    "volume move: cold batch failed ({e}); moving it unit by unit"
+                );
+                self.migrator
+                    .migrate(self.job.volume, first, count, self.job.to_tier)
+            }
+            None => self
+                .migrator
+                .migrate(self.job.volume, first, count, self.job.to_tier),
+        };
+        match result {
             Ok(bytes) => {
                 self.failures = 0;
                 self.window_bytes += bytes;
