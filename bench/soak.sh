@@ -4,7 +4,8 @@
 #
 #   bench/soak.sh [--quick] [DURATION_S]      default 600 s; --quick: 60 s
 #   env: KILN=target/release/kiln, FAULT_RATE=0.0002 (per capacity-leg I/O), SEED=1,
-#        NICE=10, KEEP=1 (keep the work dir)
+#        NICE=10, KEEP=1 (keep the work dir), SKIP_BUILD=1 (use the built kiln and
+#        libkiln_fio.so as they are)
 #
 # `kiln serve` with two tiers:
 #   fast      file, 256 MiB (64 MiB of it metadata)
@@ -47,13 +48,15 @@ SEED=${SEED:-1}
 NICE=${NICE:-10}
 # RSS every minute (every quarter of the run when it is shorter than 4 minutes).
 SAMPLE_S=$((DURATION >= 240 ? 60 : DURATION / 4))
-FAULT_CHECK_S=$SAMPLE_S
+FAULT_CHECK_S=5
 for t in fio python3 nbdinfo; do
     command -v "$t" >/dev/null || { echo "soak.sh: needs $t" >&2; exit 2; }
 done
-if [[ ! -x $KILN ]]; then nice -n "$NICE" cargo build --release -q --bin kiln; fi
-ci/fio-headers.sh >&2
-nice -n "$NICE" cargo build --release -q -p kiln-fio
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    nice -n "$NICE" cargo build --release -q --bin kiln
+    ci/fio-headers.sh >&2
+    nice -n "$NICE" cargo build --release -q -p kiln-fio
+fi
 SO=$ROOT/target/release/libkiln_fio.so
 grep -q get_ioengine "$SO" || { echo "soak.sh: $SO was built without the fio engine" >&2; exit 2; }
 KILN=$(realpath "$KILN")
@@ -83,7 +86,7 @@ bandwidth_mib_s = 2000
 
 [[tier]]
 name = "capacity"
-device = "mirror:error:$FAULT_RATE,$SEED:file:$WORK/capA0.img?size=$LEG|file:$WORK/capB.img?size=$LEG"
+device = "mirror:error:$FAULT_RATE,$SEED,enabled=0:file:$WORK/capA0.img?size=$LEG|file:$WORK/capB.img?size=$LEG"
 capacity = "512MiB"
 cost_per_gib_month = 0.02
 read_latency_us = 2000
@@ -133,7 +136,8 @@ for _ in $(seq 200); do
     sleep 0.1
 done
 rpc volume_list >/dev/null
-
+# Faults start once the server is up (an EIO while opening the mirror would stop it).
+rpc bdev_error_inject '{"name":"capA0.img","enable":true}' >/dev/null
 START=$(date +%s)
 END=$((START + DURATION))
 # One fio side: write+verify passes until END. Each pass's JSON lands in $WORK/NAME.N.json.
@@ -156,23 +160,34 @@ PIDS+=("$!")
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$KPID/status"; }
 : >"$WORK/rss.txt"
 leg_no=0
+armed=1
 next_sample=$((START + SAMPLE_S))
+next_fault_check=$((START + FAULT_CHECK_S))
 while (($(date +%s) < END)); do
     sleep 1
     kill -0 "$KPID" 2>/dev/null || { echo "soak.sh: kiln died" >&2; tail -20 "$WORK/kiln.log" >&2; exit 1; }
     now=$(date +%s)
-    ((now >= next_sample)) || continue
-    next_sample=$((next_sample + SAMPLE_S))
-    echo "$((now - START)) $(rss_kib)" | tee -a "$WORK/rss.txt" >&2
-    # Keep faults coming: a faulted error leg is replaced by a fresh one (new seed).
+    if ((now >= next_sample)); then
+        next_sample=$((next_sample + SAMPLE_S))
+        echo "$((now - START)) $(rss_kib)" | tee -a "$WORK/rss.txt" >&2
+    fi
+    ((now >= next_fault_check)) || continue
+    next_fault_check=$((now + FAULT_CHECK_S))
+    # Keep faults coming: a faulted error leg is replaced by a fresh one (new seed, faults
+    # off while it resyncs), and its faults are switched on once it is in sync.
     st=$(rpc bdev_mirror_get_status '{"tier":"capacity"}')
-    if python3 -c 'import json,sys; s=json.loads(sys.argv[1]); sys.exit(0 if s["states"][0]=="faulted" else 1)' "$st"; then
-        old=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["legs"][0])' "$st")
+    state0=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["states"][0])' "$st")
+    if [[ $state0 == faulted ]]; then
         leg_no=$((leg_no + 1))
-        spec="error:$FAULT_RATE,$((SEED * 100 + leg_no)):file:$WORK/capA$leg_no.img?size=$LEG"
+        spec="error:$FAULT_RATE,$((SEED * 100 + leg_no)),enabled=0:file:$WORK/capA$leg_no.img?size=$LEG"
         rpc bdev_mirror_replace "{\"tier\":\"capacity\",\"leg\":0,\"resync_mib_s\":200,\"spec\":\"$spec\"}" >/dev/null
-        echo "leg 0 faulted ($old): replaced by $spec" >&2
+        echo "$((now - START))s: leg 0 faulted: replaced by capA$leg_no.img" >&2
         rm -f "$WORK/capA$((leg_no - 1)).img"
+        armed=0
+    elif [[ $state0 == in_sync && $armed == 0 ]]; then
+        rpc bdev_error_inject "{\"name\":\"capA$leg_no.img\",\"enable\":true}" >/dev/null
+        echo "$((now - START))s: capA$leg_no.img in sync: faults on" >&2
+        armed=1
     fi
 done
 # Let the passes in progress finish (they verify what they wrote), then stop.
@@ -231,8 +246,9 @@ for name, ps in sides.items():
                  f"{sum(1 for p in ps if p['error'])} | {sum(p['verify'] for p in ps)} |")
 lines += ["",
           f"- RSS (KiB) by second: {', '.join(f'{t}s {r}' for t, r in rss)}; growth after the first sample: {growth:.1f}%.",
-          f"- migrations: {json.dumps(mig, sort_keys=True)[:400]}",
-          f"- capacity mirror: {json.dumps(mirror, sort_keys=True)[:400]}; error legs replaced after faulting: {replaced}.",
+          f"- migrations: {mig['completed']} completed, {mig['failed']} failed, {mig['bytes_moved'] / 2**30:.1f} GiB moved (policy counters: promotions={mig['promotions']} demotions={mig['demotions']}).",
+          f"- faults: {mirror['failovers']} capacity-leg faults (mirror failovers, each an injected EIO), {mirror['read_retries']} reads retried on the other leg; the faulted error leg was replaced {replaced} times.",
+          f"- capacity mirror at the end: {json.dumps(mirror, sort_keys=True)[:400]}",
           ""]
 text = "\n".join(lines)
 print(text)

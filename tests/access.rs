@@ -312,3 +312,36 @@ fn nbd_connection_cap_refuses_the_extra_client() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn nvmf_connection_cap_refuses_the_extra_connection() {
+    let port = free_port();
+    let mut opts = Opts::default();
+    opts.reactor.push_str(&format!(
+        "\n[nvmf]\nmax_connections = 2\n\n[[subsystem]]\nnqn = \"nqn.2024-01.io.kiln.cap\"\n\
+         namespaces = [\"vol0\"]\nlisteners = [\"127.0.0.1:{port}\"]\nallow_any_host = true\n"
+    ));
+    let k = Kiln::start("nvmfcap", opts);
+    let mut admitted: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(refused(&mut extra), "a third NVMe/TCP connection was kept");
+    let log = k.log_text();
+    assert!(
+        log.contains("NVMe/TCP connection refused: 2 connections open (nvmf.max_connections)"),
+        "{log}"
+    );
+    // The admitted ones are still open (waiting for their ICReq), not closed.
+    for s in &mut admitted {
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut b = [0u8; 8];
+        match s.read(&mut b) {
+            Err(e) if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+            other => panic!("an admitted connection ended: {other:?}"),
+        }
+    }
+}
