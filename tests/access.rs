@@ -334,13 +334,15 @@ fn nvmf_connection_cap_refuses_the_extra_connection() {
     );
     // The admitted ones are still open (waiting for their ICReq), not closed.
     for s in &mut admitted {
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut b = [0u8; 8];
         match s.read(&mut b) {
-            Err(e) if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             other => panic!("an admitted connection ended: {other:?}"),
         }
     }

@@ -367,7 +367,7 @@ impl NbdPoller {
         if let Some(tls) = conn.tls.as_deref_mut() {
             match tls.flush(conn.fd.as_raw_fd()) {
                 Ok(p) => progress |= p,
-                Err(()) => return (progress, true),
+                Err(_) => return (progress, true),
             }
         }
         while conn.hs_sent < conn.hs_out.len() {

@@ -118,13 +118,13 @@ impl TlsStream {
     }
 
     /// Writes buffered ciphertext. `Ok(progress)`; `Err` when the socket failed.
-    pub fn flush(&mut self, fd: RawFd) -> Result<bool, ()> {
+    pub fn flush(&mut self, fd: RawFd) -> io::Result<bool> {
         let mut progress = false;
         while self.session.wants_write() {
             match self.session.write_tls(&mut Socket(fd)) {
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(()),
+                Err(e) => return Err(e),
             }
         }
         Ok(progress)
@@ -160,7 +160,7 @@ impl TlsStream {
     /// starts sending them; the same contract as [`super::nbd::send_iovecs`]. Plaintext is
     /// accepted only once earlier ciphertext has left, so a slow reader holds back replies.
     pub fn send(&mut self, fd: RawFd, iov: &[libc::iovec], n_iov: usize) -> Result<usize, bool> {
-        self.flush(fd).map_err(|()| true)?;
+        self.flush(fd).map_err(|_| true)?;
         if self.session.wants_write() {
             return Err(false);
         }
