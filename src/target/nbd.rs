@@ -101,6 +101,8 @@ struct Conn {
     inflight: usize,
     /// READ/WRITE payload bytes of the requests in `inflight` (see `max_inflight_bytes`).
     inflight_bytes: u64,
+    /// A request waits in `rx` for in-flight bytes or a DMA buffer to be released.
+    rx_blocked: bool,
     /// Set once the `STARTTLS` acknowledgement has gone out.
     tls: Option<Box<TlsStream>>,
     close_after_flush: bool,
@@ -248,6 +250,7 @@ impl NbdPoller {
             outq: VecDeque::with_capacity(qd),
             inflight: 0,
             inflight_bytes: 0,
+            rx_blocked: false,
             tls: None,
             close_after_flush: false,
             dead: false,
@@ -316,6 +319,10 @@ impl NbdPoller {
         if let Some(buf) = s.buf.take() {
             conn.inflight_bytes -= u64::from(s.req.length);
             pool.free(buf);
+            if conn.rx_blocked {
+                conn.rx_blocked = false;
+                conn.rx_ready = true;
+            }
         }
         conn.free_slots.push(slot);
     }
@@ -608,12 +615,18 @@ impl NbdPoller {
                     && conn.inflight_bytes > 0
                     && conn.inflight_bytes + u64::from(req.length) > limits.max_inflight_bytes
                 {
-                    return Ok(false); // back-pressure: wait for replies to go out
+                    // Back-pressure: wait for replies to go out. The request is already in
+                    // `rx`, so no socket event will come for it: releasing a slot re-arms reads.
+                    conn.rx_blocked = true;
+                    return Ok(false);
                 }
                 let buf = if needs_buf {
                     match pool.alloc() {
                         Some(b) => Some(b),
-                        None => return Ok(false), // back-pressure: wait for buffers
+                        None => {
+                            conn.rx_blocked = true; // back-pressure: wait for buffers
+                            return Ok(false);
+                        }
                     }
                 } else {
                     None
