@@ -58,6 +58,32 @@ pub struct NbdConfig {
     /// Largest READ/WRITE payload (advertised as the maximum block size).
     #[serde(default = "default_max_payload")]
     pub max_payload: String,
+    /// READ/WRITE payload bytes one connection may have in flight before the server
+    /// stops reading its requests.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: String,
+    /// NBD over TLS (`NBD_OPT_STARTTLS`).
+    #[serde(default)]
+    pub tls: NbdTls,
+    /// PEM certificate chain (server certificate first), needed unless `tls = "off"`.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<String>,
+}
+
+/// Whether NBD clients may or must upgrade to TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    /// `STARTTLS` is refused (`NBD_REP_ERR_UNSUP`).
+    #[default]
+    Off,
+    /// `STARTTLS` is offered; plain clients are served too.
+    Optional,
+    /// Every option before `STARTTLS` is refused with `NBD_REP_ERR_TLS_REQD`.
+    Required,
 }
 
 fn default_nbd_listen() -> Vec<String> {
@@ -72,6 +98,9 @@ fn default_queue_depth() -> usize {
 fn default_max_payload() -> String {
     "1MiB".into()
 }
+fn default_max_inflight() -> String {
+    "64MiB".into()
+}
 
 impl Default for NbdConfig {
     fn default() -> Self {
@@ -80,6 +109,35 @@ impl Default for NbdConfig {
             max_connections: default_max_connections(),
             max_queue_depth: default_queue_depth(),
             max_payload: default_max_payload(),
+            max_inflight: default_max_inflight(),
+            tls: NbdTls::Off,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// Limits of the NVMe/TCP target (`[nvmf]`). Queue entries (128), in-capsule data (8 KiB)
+/// and MAXH2CDATA (128 KiB) are fixed; the largest transfer (MDTS) is `nbd.max_payload`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmfConfig {
+    /// Connections (admin and I/O queues) over all subsystems and listeners.
+    #[serde(default = "default_nvmf_connections")]
+    pub max_connections: usize,
+}
+
+/// The most `nvmf.max_connections` may be.
+pub const NVMF_CONNECTIONS_MAX: usize = 1024;
+
+fn default_nvmf_connections() -> usize {
+    256
+}
+
+impl Default for NvmfConfig {
+    fn default() -> Self {
+        NvmfConfig {
+            max_connections: default_nvmf_connections(),
         }
     }
 }
@@ -196,6 +254,8 @@ pub struct Config {
     pub nbd: NbdConfig,
     #[serde(rename = "subsystem", default)]
     pub subsystems: Vec<SubsystemConfig>,
+    #[serde(default)]
+    pub nvmf: NvmfConfig,
     pub rpc: Option<RpcConfig>,
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
@@ -234,7 +294,9 @@ pub struct Plan {
     pub volumes: Vec<VolumePlan>,
     pub nbd: NbdConfig,
     pub nbd_max_payload_bytes: u32,
+    pub nbd_max_inflight_bytes: u64,
     pub subsystems: Vec<SubsystemPlan>,
+    pub nvmf: NvmfConfig,
     pub rpc_socket: Option<String>,
     pub metrics_listen: Option<String>,
     pub reactor: ReactorSection,
@@ -392,7 +454,44 @@ impl Config {
             }
             Err(e) => return err("nbd.max_payload".into(), e),
         };
+        let nbd_max_inflight_bytes = match parse_size(&self.nbd.max_inflight) {
+            Ok(b) if b >= u64::from(nbd_max_payload_bytes) => b,
+            Ok(_) => {
+                return err(
+                    "nbd.max_inflight".into(),
+                    format!(
+                        "must be at least nbd.max_payload ({})",
+                        format_size(u64::from(nbd_max_payload_bytes))
+                    ),
+                )
+            }
+            Err(e) => return err("nbd.max_inflight".into(), e),
+        };
+        if self.nbd.tls != NbdTls::Off {
+            let mode = if self.nbd.tls == NbdTls::Required {
+                "required"
+            } else {
+                "optional"
+            };
+            for (name, v) in [
+                ("tls_cert", &self.nbd.tls_cert),
+                ("tls_key", &self.nbd.tls_key),
+            ] {
+                if v.as_deref().is_none_or(str::is_empty) {
+                    return err(
+                        format!("nbd.{name}"),
+                        format!("a PEM file path is needed with nbd.tls = \"{mode}\""),
+                    );
+                }
+            }
+        }
         let subsystems = self.validate_subsystems(source, &volumes)?;
+        if !(1..=NVMF_CONNECTIONS_MAX).contains(&self.nvmf.max_connections) {
+            return err(
+                "nvmf.max_connections".into(),
+                format!("must be 1..={NVMF_CONNECTIONS_MAX}"),
+            );
+        }
         if self.reactor.cores.is_empty() {
             return err(
                 "reactor.cores".into(),
@@ -416,7 +515,9 @@ impl Config {
             volumes,
             nbd: self.nbd.clone(),
             nbd_max_payload_bytes,
+            nbd_max_inflight_bytes,
             subsystems,
+            nvmf: self.nvmf.clone(),
             rpc_socket: self.rpc.as_ref().map(|r| r.socket.clone()),
             metrics_listen: self.metrics.as_ref().map(|m| m.listen.clone()),
             reactor: self.reactor.clone(),
@@ -585,5 +686,41 @@ mod tests {
             e.contains("tier[0].device") && e.contains("unknown device kind"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_and_tls_keys() {
+        let base = |extra: &str| {
+            format!(
+                "[[tier]]\nname='fast'\ndevice='malloc:64M'\ncapacity='64M'\ncost_per_gib_month=0.1\nread_latency_us=1\nwrite_latency_us=1\nbandwidth_mib_s=100\n[[volume]]\nname='v'\nsize='4M'\n{extra}"
+            )
+        };
+        let plan = |t: &str| {
+            Config::parse("k.toml", &base(t))
+                .unwrap()
+                .validate("k.toml")
+        };
+        let p = plan("").unwrap();
+        assert_eq!(p.nbd_max_inflight_bytes, 64 << 20);
+        assert_eq!(p.nbd.tls, NbdTls::Off);
+        assert_eq!(p.nvmf.max_connections, 256);
+        let e = plan("[nbd]\nmax_inflight='512KiB'\n").unwrap_err();
+        assert!(
+            e.contains("nbd.max_inflight: must be at least nbd.max_payload (1MiB)"),
+            "{e}"
+        );
+        let e = plan("[nbd]\ntls='required'\ntls_key='k.pem'\n").unwrap_err();
+        assert!(
+            e.contains("nbd.tls_cert: a PEM file path is needed with nbd.tls = \"required\""),
+            "{e}"
+        );
+        let e = plan("[nbd]\ntls='optional'\ntls_cert='c.pem'\n").unwrap_err();
+        assert!(e.contains("nbd.tls_key: a PEM file path is needed"), "{e}");
+        let e = Config::parse("k.toml", &base("[nbd]\ntls='yes'\n")).unwrap_err();
+        assert!(e.contains("unknown variant `yes`"), "{e}");
+        let p = plan("[nbd]\ntls='required'\ntls_cert='c.pem'\ntls_key='k.pem'\n").unwrap();
+        assert_eq!(p.nbd.tls, NbdTls::Required);
+        let e = plan("[nvmf]\nmax_connections=0\n").unwrap_err();
+        assert!(e.contains("nvmf.max_connections: must be 1..=1024"), "{e}");
     }
 }

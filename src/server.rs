@@ -16,7 +16,7 @@ use crossbeam_channel::Sender;
 use serde_json::{json, Value};
 
 use crate::bdev::{self, BlockDevice};
-use crate::config::{parse_listen, Config, Listen, Plan};
+use crate::config::{parse_listen, Config, Listen, NbdTls, Plan};
 use crate::metrics::{Metrics, MetricsServer};
 use crate::migrate::volume_move::{
     rpc_volume_migrate, MoveControl, MoveJob, MoveMode, MoveRpc, MoveStatus,
@@ -475,6 +475,14 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         }
         tiers.push((t.name.clone(), dev));
     }
+    let nbd_tls = match (plan.nbd.tls, &plan.nbd.tls_cert, &plan.nbd.tls_key) {
+        (NbdTls::Off, _, _) => None,
+        (_, Some(cert), Some(key)) => Some(
+            crate::target::nbd_tls::server_config(Path::new(cert), Path::new(key))
+                .map_err(|e| format!("{source}: {e}"))?,
+        ),
+        _ => unreachable!("config validation requires tls_cert and tls_key"),
+    };
     if args.check {
         println!(
             "{source}: configuration is valid ({} tiers, {} volumes)",
@@ -556,12 +564,13 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
     }
     let hs_config = Arc::new(HandshakeConfig {
         exports,
-        tls_required: false,
-        tls_available: false,
+        tls_required: plan.nbd.tls == NbdTls::Required,
+        tls_available: plan.nbd.tls != NbdTls::Off,
     });
     let limits = NbdLimits {
         max_queue_depth: plan.nbd.max_queue_depth,
         max_payload_bytes: plan.nbd_max_payload_bytes,
+        max_inflight_bytes: plan.nbd_max_inflight_bytes,
     };
     let live = Arc::new(AtomicUsize::new(0));
     let epochs = Arc::new(Epochs::new(reactors.handles.len()));
@@ -578,6 +587,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         registry: subsystems,
         max_io_bytes: plan.nbd_max_payload_bytes,
         live: AtomicUsize::new(0),
+        max_connections: plan.nvmf.max_connections,
     });
     let mut nvmf_inboxes = Vec::new();
     // Writes to object-resident data wait for the policy thread to promote it.
@@ -590,6 +600,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         let nvmf_sh = nvmf_shared.clone();
         let reg = registry.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
+        let tls = nbd_tls.clone();
         let (vols, tiers_c, meta, hs, lim, lv, handle, m) = (
             volumes.clone(),
             tiers.clone(),
@@ -631,7 +642,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                     for (vi, rec) in nvmf_recs.into_iter().enumerate() {
                         nvmf_io.set_heat(vi, rec);
                     }
-                    r.add_poller(Box::new(NbdPoller::new(io, rx, hs, lim, lv)));
+                    r.add_poller(Box::new(NbdPoller::new(io, rx, hs, lim, tls, lv)));
                     r.add_poller(Box::new(NvmfPoller::new(nvmf_io, nvmf_rx, nvmf_sh)));
                     let _ = ok_tx.send(Ok(()));
                 }

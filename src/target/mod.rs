@@ -2,5 +2,6 @@
 
 pub mod nbd;
 pub mod nbd_proto;
+pub mod nbd_tls;
 pub mod nvmf;
 pub mod nvmf_proto;

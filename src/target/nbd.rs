@@ -11,6 +11,11 @@
 //! (receiving a WRITE's data straight into a DMA buffer), and `Closing`
 //! (no more reads; close once replies are flushed and nothing is in flight).
 //! Replies go out with one `writev` of header and payload.
+//!
+//! `StartTls` sits between the plain-text `STARTTLS` acknowledgement and the TLS
+//! handshake: once the acknowledgement is sent the connection gets a
+//! [`TlsStream`] and every later byte, handshake options included, goes through
+//! it (see [`super::nbd_tls`] for what that costs).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -20,6 +25,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 
 use super::nbd_proto::{self as proto, Handshake, HandshakeConfig, HandshakeStep, Request};
+use super::nbd_tls::TlsStream;
 use crate::bdev::IoKind;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::reactor::{PollCtx, PollStatus, Poller};
@@ -40,13 +46,21 @@ pub enum NbdMsg {
 pub struct NbdLimits {
     pub max_queue_depth: usize,
     pub max_payload_bytes: u32,
+    /// READ/WRITE payload bytes one connection may have in flight before the server
+    /// stops reading its requests (at least `max_payload_bytes`).
+    pub max_inflight_bytes: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum ConnState {
     Handshake,
+    /// `STARTTLS` accepted: send the plain acknowledgement, then start TLS.
+    StartTls,
     Header,
-    Payload { slot: u16, have: u32 },
+    Payload {
+        slot: u16,
+        have: u32,
+    },
     Closing,
 }
 
@@ -85,6 +99,12 @@ struct Conn {
     free_slots: Vec<u16>,
     outq: VecDeque<Out>,
     inflight: usize,
+    /// READ/WRITE payload bytes of the requests in `inflight` (see `max_inflight_bytes`).
+    inflight_bytes: u64,
+    /// A request waits in `rx` for in-flight bytes or a DMA buffer to be released.
+    rx_blocked: bool,
+    /// Set once the `STARTTLS` acknowledgement has gone out.
+    tls: Option<Box<TlsStream>>,
     close_after_flush: bool,
     /// The socket failed: close as soon as nothing is in flight.
     dead: bool,
@@ -103,6 +123,7 @@ pub struct NbdPoller {
     inbox: Receiver<NbdMsg>,
     hs_config: Arc<HandshakeConfig>,
     limits: NbdLimits,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     live: Arc<AtomicUsize>,
     draining: Option<crossbeam_channel::Sender<usize>>,
     watched: Vec<RawFd>,
@@ -159,8 +180,14 @@ impl NbdPoller {
         inbox: Receiver<NbdMsg>,
         hs_config: Arc<HandshakeConfig>,
         limits: NbdLimits,
+        tls_config: Option<Arc<rustls::ServerConfig>>,
         live: Arc<AtomicUsize>,
     ) -> NbdPoller {
+        assert_eq!(
+            tls_config.is_some(),
+            hs_config.tls_available || hs_config.tls_required,
+            "STARTTLS is offered exactly when a TLS configuration is given"
+        );
         NbdPoller {
             io,
             conns: Vec::new(),
@@ -168,6 +195,7 @@ impl NbdPoller {
             inbox,
             hs_config,
             limits,
+            tls_config,
             live,
             draining: None,
             watched: Vec::new(),
@@ -221,6 +249,9 @@ impl NbdPoller {
             free_slots: (0..qd as u16).rev().collect(),
             outq: VecDeque::with_capacity(qd),
             inflight: 0,
+            inflight_bytes: 0,
+            rx_blocked: false,
+            tls: None,
             close_after_flush: false,
             dead: false,
             rx_ready: true,
@@ -284,37 +315,99 @@ impl NbdPoller {
     }
 
     fn release_slot(conn: &mut Conn, slot: u16, pool: &mut DmaPool) {
-        if let Some(buf) = conn.slots[slot as usize].buf.take() {
+        let s = &mut conn.slots[slot as usize];
+        if let Some(buf) = s.buf.take() {
+            conn.inflight_bytes -= u64::from(s.req.length);
             pool.free(buf);
+            if conn.rx_blocked {
+                conn.rx_blocked = false;
+                conn.rx_ready = true;
+            }
         }
         conn.free_slots.push(slot);
     }
 
-    /// Sends queued bytes; returns (progress, error).
-    fn flush(conn: &mut Conn, pool: &mut DmaPool) -> (bool, bool) {
+    /// One non-blocking send of the first `n_iov` iovecs, through TLS once it is up
+    /// (the contract of [`send_iovecs`]).
+    fn send(conn: &mut Conn, iov: &mut [libc::iovec], n_iov: usize) -> Result<usize, bool> {
         let fd = conn.fd.as_raw_fd();
+        match conn.tls.as_deref_mut() {
+            Some(tls) => tls.send(fd, iov, n_iov),
+            None => send_iovecs(fd, iov, n_iov),
+        }
+    }
+
+    /// One non-blocking receive into `len` bytes at `buf`, through TLS once it is up.
+    /// `Ok(0)` at the end of the stream; `Err(fatal)`, `fatal` false for EAGAIN.
+    ///
+    /// # Safety
+    /// `buf..buf + len` is writable memory the connection owns (its rx buffer or a
+    /// slot's DMA buffer).
+    unsafe fn recv(conn: &mut Conn, buf: *mut u8, len: usize) -> Result<usize, bool> {
+        let fd = conn.fd.as_raw_fd();
+        let n = match conn.tls.as_deref_mut() {
+            Some(tls) => {
+                // SAFETY: the caller guarantees the range is valid and ours.
+                let dst = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+                tls.recv(fd, dst)
+            }
+            None => {
+                // SAFETY: the caller guarantees the range is valid and ours.
+                let n = unsafe { libc::recv(fd, buf as *mut libc::c_void, len, 0) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        };
+        n.map_err(|e| e.kind() != std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends queued bytes; returns (progress, error).
+    fn flush(
+        conn: &mut Conn,
+        pool: &mut DmaPool,
+        tls_config: Option<&Arc<rustls::ServerConfig>>,
+    ) -> (bool, bool) {
         let mut progress = false;
+        if let Some(tls) = conn.tls.as_deref_mut() {
+            match tls.flush(conn.fd.as_raw_fd()) {
+                Ok(p) => progress |= p,
+                Err(_) => return (progress, true),
+            }
+        }
         while conn.hs_sent < conn.hs_out.len() {
             let rest = &conn.hs_out[conn.hs_sent..];
-            // SAFETY: sending from a valid slice we own.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return (progress, e.kind() != std::io::ErrorKind::WouldBlock);
+            let mut iov = [libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            }];
+            match Self::send(conn, &mut iov, 1) {
+                Ok(n) => conn.hs_sent += n,
+                Err(fatal) => return (progress, fatal),
             }
-            conn.hs_sent += n as usize;
             progress = true;
         }
         if conn.hs_sent == conn.hs_out.len() && conn.hs_sent > 0 {
             conn.hs_out.clear();
             conn.hs_sent = 0;
+        }
+        if conn.state == ConnState::StartTls {
+            // The acknowledgement is out in plain text: everything from here on is TLS.
+            let cfg = tls_config.expect("STARTTLS is accepted only with a TLS configuration");
+            match TlsStream::new(cfg) {
+                Ok(t) => {
+                    conn.tls = Some(Box::new(t));
+                    conn.state = ConnState::Handshake;
+                    conn.rx_ready = true;
+                    progress = true;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %conn.peer, "closing NBD connection: TLS session: {e}");
+                    return (progress, true);
+                }
+            }
         }
         while !conn.outq.is_empty() {
             let mut iov: [libc::iovec; 32] = [libc::iovec {
@@ -342,7 +435,7 @@ impl NbdPoller {
                     n_iov += 1;
                 }
             }
-            let n = match send_iovecs(fd, &mut iov, n_iov) {
+            let n = match Self::send(conn, &mut iov, n_iov) {
                 Ok(n) => n,
                 Err(fatal) => return (progress, fatal),
             };
@@ -371,9 +464,8 @@ impl NbdPoller {
         let mut progress = false;
         let draining = self.draining.is_some();
         let conn = self.conns[idx].as_mut().unwrap();
-        let fd = conn.fd.as_raw_fd();
         loop {
-            if matches!(conn.state, ConnState::Closing) || draining {
+            if matches!(conn.state, ConnState::Closing | ConnState::StartTls) || draining {
                 return (progress, false);
             }
             // Receive a write payload straight into its DMA buffer.
@@ -382,23 +474,15 @@ impl NbdPoller {
                 let buf = s.buf.expect("payload slot has a buffer");
                 let want = s.req.length - have;
                 // SAFETY: have < length <= buffer size; the buffer is owned by this slot.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        buf.ptr.add(have as usize) as *mut libc::c_void,
-                        want as usize,
-                        0,
-                    )
+                let n = match unsafe { Self::recv(conn, buf.ptr.add(have as usize), want as usize) }
+                {
+                    Ok(0) => return (progress, true),
+                    Ok(n) => n,
+                    Err(fatal) => {
+                        conn.rx_ready &= fatal;
+                        return (progress, fatal);
+                    }
                 };
-                if n == 0 {
-                    return (progress, true);
-                }
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    let would_block = e.kind() == std::io::ErrorKind::WouldBlock;
-                    conn.rx_ready &= !would_block;
-                    return (progress, !would_block);
-                }
                 progress = true;
                 let have = have + n as u32;
                 if have < s.req.length {
@@ -430,25 +514,18 @@ impl NbdPoller {
             if conn.state == ConnState::Header && conn.free_slots.is_empty() {
                 return (progress, false);
             }
+            let tail = conn.rx[conn.rx_len..].as_mut_ptr();
+            let room = conn.rx.len() - conn.rx_len;
             // SAFETY: receiving into the unused tail of our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    conn.rx[conn.rx_len..].as_mut_ptr() as *mut libc::c_void,
-                    conn.rx.len() - conn.rx_len,
-                    0,
-                )
+            let n = match unsafe { Self::recv(conn, tail, room) } {
+                Ok(0) => return (progress, true),
+                Ok(n) => n,
+                Err(fatal) => {
+                    conn.rx_ready &= fatal;
+                    return (progress, fatal);
+                }
             };
-            if n == 0 {
-                return (progress, true);
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                let would_block = e.kind() == std::io::ErrorKind::WouldBlock;
-                conn.rx_ready &= !would_block;
-                return (progress, !would_block);
-            }
-            conn.rx_len += n as usize;
+            conn.rx_len += n;
             progress = true;
         }
     }
@@ -483,7 +560,13 @@ impl NbdPoller {
                         tracing::debug!(peer = %conn.peer, export = %hs_config.exports[n.export_index].name, "NBD handshake done");
                         Ok(true)
                     }
-                    HandshakeStep::Abort | HandshakeStep::StartTls => {
+                    HandshakeStep::StartTls => {
+                        // Plain bytes after STARTTLS would be injected data: drop them.
+                        conn.rx_len = 0;
+                        conn.state = ConnState::StartTls;
+                        Ok(true)
+                    }
+                    HandshakeStep::Abort => {
                         conn.state = ConnState::Closing;
                         conn.close_after_flush = true;
                         Ok(true)
@@ -528,15 +611,30 @@ impl NbdPoller {
                 };
                 let needs_buf = reject == 0 && req.kind == proto::NBD_CMD_READ
                     || req.kind == proto::NBD_CMD_WRITE;
+                if needs_buf
+                    && conn.inflight_bytes > 0
+                    && conn.inflight_bytes + u64::from(req.length) > limits.max_inflight_bytes
+                {
+                    // Back-pressure: wait for replies to go out. The request is already in
+                    // `rx`, so no socket event will come for it: releasing a slot re-arms reads.
+                    conn.rx_blocked = true;
+                    return Ok(false);
+                }
                 let buf = if needs_buf {
                     match pool.alloc() {
                         Some(b) => Some(b),
-                        None => return Ok(false), // back-pressure: wait for buffers
+                        None => {
+                            conn.rx_blocked = true; // back-pressure: wait for buffers
+                            return Ok(false);
+                        }
                     }
                 } else {
                     None
                 };
                 conn.free_slots.pop();
+                if buf.is_some() {
+                    conn.inflight_bytes += u64::from(req.length);
+                }
                 conn.slots[slot as usize] = Slot { req, buf, reject };
                 conn.rx
                     .copy_within(proto::REQUEST_HEADER_BYTES..conn.rx_len, 0);
@@ -560,7 +658,7 @@ impl NbdPoller {
                 Self::start(io, idx, conn, slot);
                 Ok(true)
             }
-            ConnState::Payload { .. } | ConnState::Closing => Ok(false),
+            ConnState::Payload { .. } | ConnState::Closing | ConnState::StartTls => Ok(false),
         }
     }
 
@@ -679,7 +777,8 @@ impl Poller for NbdPoller {
             if self.conns[idx].is_none() {
                 continue;
             }
-            let (p1, e1) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool);
+            let tls_config = self.tls_config.as_ref();
+            let (p1, e1) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool, tls_config);
             let try_read = self.conns[idx]
                 .as_ref()
                 .is_some_and(|c| c.rx_ready || sweep);
@@ -688,7 +787,8 @@ impl Poller for NbdPoller {
             } else {
                 (false, false)
             };
-            let (p3, e3) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool);
+            let tls_config = self.tls_config.as_ref();
+            let (p3, e3) = Self::flush(self.conns[idx].as_mut().unwrap(), ctx.pool, tls_config);
             busy |= p1 || p2 || p3;
             let conn = self.conns[idx].as_mut().unwrap();
             if e1 || e2 || e3 || self.draining.is_some() {
@@ -704,7 +804,9 @@ impl Poller for NbdPoller {
                 conn.state = ConnState::Closing;
                 conn.dead = true;
             }
-            let flushed = conn.outq.is_empty() && conn.hs_out.is_empty();
+            let flushed = conn.outq.is_empty()
+                && conn.hs_out.is_empty()
+                && !conn.tls.as_ref().is_some_and(|t| t.wants_write());
             let closing = conn.state == ConnState::Closing || self.draining.is_some();
             if closing && conn.inflight == 0 && (flushed || conn.dead) {
                 self.close(idx, ctx.parker, ctx.pool);

@@ -188,6 +188,8 @@ pub struct Opts {
     pub reactor: String,
     /// The fast tier's device spec instead of a plain file; `{d}` is the test directory.
     pub fast_device: Option<String>,
+    /// Extra keys of the `[nbd]` section (e.g. `tls = "required"`); `{d}` is the test directory.
+    pub nbd_extra: String,
 }
 
 impl Default for Opts {
@@ -198,6 +200,7 @@ impl Default for Opts {
             volume: "512MiB",
             reactor: default_reactor(),
             fast_device: None,
+            nbd_extra: String::new(),
         }
     }
 }
@@ -304,6 +307,7 @@ size = "{vol}"
 
 [nbd]
 listen = ["127.0.0.1:{tcp_port}", "unix:{d}/nbd.sock"]
+{nbd_extra}
 
 [rpc]
 socket = "{d}/kiln.sock"
@@ -317,6 +321,7 @@ listen = "127.0.0.1:{metrics_port}"
             cap = opts.capacity,
             vol = opts.volume,
             reactor = opts.reactor,
+            nbd_extra = opts.nbd_extra.replace("{d}", &d),
         );
         let config = dir.join("kiln.toml");
         std::fs::write(&config, toml).unwrap();
@@ -614,15 +619,20 @@ pub struct FioChild {
 pub fn spawn_fio(cwd: &Path, args: &[String]) -> FioChild {
     // Jobs as threads of one process, so killing fio kills its jobs too (a forked job
     // process would outlive a SIGKILLed parent).
-    spawn_fio_mode(cwd, args, true)
+    spawn_fio_mode(cwd, args, true, &[])
+}
+
+/// Runs fio (jobs as threads) to completion with extra environment variables.
+pub fn fio_with_env(cwd: &Path, args: &[String], env: &[(&str, &Path)], limit: Duration) -> FioRun {
+    spawn_fio_mode(cwd, args, true, env).finish(limit)
 }
 
 /// Runs fio to completion with each job in its own process (fio's default; no `--thread`).
 pub fn fio_processes(cwd: &Path, args: &[String], limit: Duration) -> FioRun {
-    spawn_fio_mode(cwd, args, false).finish(limit)
+    spawn_fio_mode(cwd, args, false, &[]).finish(limit)
 }
 
-fn spawn_fio_mode(cwd: &Path, args: &[String], threads: bool) -> FioChild {
+fn spawn_fio_mode(cwd: &Path, args: &[String], threads: bool, env: &[(&str, &Path)]) -> FioChild {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let out = cwd.join(format!("fio-{n}.out"));
@@ -631,6 +641,7 @@ fn spawn_fio_mode(cwd: &Path, args: &[String], threads: bool) -> FioChild {
         .arg("--output-format=json")
         .args(threads.then_some("--thread"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(File::create(&out).unwrap())

@@ -63,6 +63,9 @@ pub struct NvmfShared {
     pub max_io_bytes: u32,
     /// Connections open, over all reactors.
     pub live: AtomicUsize,
+    /// Connections the acceptors admit (`nvmf.max_connections`, at most
+    /// [`service::CONNECTIONS_MAX`]); one more is closed at once.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -16,6 +16,7 @@ use crate::reactor::ReactorHandle;
 
 /// Connections above this many (over all listeners) are refused at accept.
 pub const CONNECTIONS_MAX: usize = 1024;
+const _: () = assert!(crate::config::NVMF_CONNECTIONS_MAX == CONNECTIONS_MAX);
 
 pub struct NvmfService {
     pub shared: Arc<NvmfShared>,
@@ -60,9 +61,10 @@ impl NvmfService {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     };
-                    if shared.live.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_MAX {
+                    let max = shared.max_connections;
+                    if shared.live.fetch_add(1, Ordering::Relaxed) >= max {
                         shared.live.fetch_sub(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, "NVMe/TCP connection refused: {CONNECTIONS_MAX} connections open");
+                        tracing::warn!(%peer, "NVMe/TCP connection refused: {max} connections open (nvmf.max_connections)");
                         continue;
                     }
                     let (h, tx) = &reactors[next % reactors.len()];
