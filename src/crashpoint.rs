@@ -23,9 +23,6 @@ pub const POINTS: &[&str] = &[
     // New-chunk allocation: zeroed space flushed, `Map` commit (FUA), publish.
     "alloc.map.before_commit",
     "alloc.map.after_commit",
-    // Trim: `Unmap` commit, then the space is freed.
-    "trim.unmap.before_commit",
-    "trim.unmap.after_commit",
     // Checkpoint: slot frame (FUA), then the superblock copy (FUA).
     "checkpoint.before_slot_write",
     "checkpoint.after_slot_write",

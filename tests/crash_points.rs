@@ -247,7 +247,7 @@ fn force(tier: &str) -> String {
     format!(r#"{{"tier":"{tier}","wait":true}}"#)
 }
 
-/// Allocation, trim, checkpoint, promotion, demotion and release between two file tiers.
+/// Allocation, checkpoint, promotion, demotion and release between two file tiers.
 #[test]
 fn file_tier_points() {
     if !require_tool("fio") {
@@ -305,39 +305,13 @@ fn file_tier_points() {
     assert!(!c.start(Some("checkpoint.before_slot_write")));
     assert!(!c.start(Some("checkpoint.after_slot_write")));
     assert!(!c.start(Some("checkpoint.after_superblock_write")));
-    // 6. Trim of the last prefilled chunk.
-    assert!(c.start(Some("trim.unmap.before_commit")));
+    assert!(c.start(None));
     verify(&c.k, PREFILL_BYTES, "after the checkpoint crashes");
     assert_eq!(tiers(&c.k), only("capacity", PREFILL_BYTES));
-    let trim = |k: &Kiln| {
-        let mut a = args(&[
-            "--name=trim",
-            "--ioengine=nbd",
-            "--rw=trim",
-            "--bs=1m",
-            "--offset=15m",
-            "--size=1m",
-        ]);
-        a.push(format!("--uri={}", k.unix_uri()));
-        spawn_fio(&k.dir.path, &a)
-    };
-    let w = trim(&c.k);
-    c.expect_crash(Duration::from_secs(30));
-    let _ = w.finish_or_abandon(Duration::from_secs(10));
-    assert!(c.start(Some("trim.unmap.after_commit")));
-    // Not durable: the chunk is still mapped and holds its data.
-    verify(&c.k, PREFILL_BYTES, "after trim.unmap.before_commit");
-    let w = trim(&c.k);
-    c.expect_crash(Duration::from_secs(30));
-    let _ = w.finish_or_abandon(Duration::from_secs(10));
-    assert!(c.start(None));
-    // Durable: unmapped.
-    assert_eq!(tiers(&c.k), only("capacity", PREFILL_BYTES - MIB));
-    verify(&c.k, PREFILL_BYTES - MIB, "after trim.unmap.after_commit");
-    // 7. The migration can still run to its end.
+    // 6. The migration can still run to its end.
     c.k.rpc("policy_force_tier", Some(&force("fast")));
-    assert_eq!(tiers(&c.k), only("fast", PREFILL_BYTES - MIB));
-    verify(&c.k, PREFILL_BYTES - MIB, "after the final promotion");
+    assert_eq!(tiers(&c.k), only("fast", PREFILL_BYTES));
+    verify(&c.k, PREFILL_BYTES, "after the final promotion");
     eprintln!("file_tier_points: {:.1}s", c.t0.elapsed().as_secs_f64());
 }
 
@@ -354,7 +328,8 @@ fn tier_names(k: &Kiln) -> BTreeSet<String> {
         .collect()
 }
 
-/// Random reads over `[8m, 10m)` so the move finds hot chunks (moved in batches).
+/// Random reads over `[12m, 14m)` so the move (1 MiB chunks at 4 MiB/s from offset 0)
+/// finds hot chunks there before its sweep does and moves them in a batch.
 fn heat(k: &Kiln) -> FioChild {
     let mut a = args(&[
         "--name=heat",
@@ -362,7 +337,7 @@ fn heat(k: &Kiln) -> FioChild {
         "--rw=randread",
         "--bs=4k",
         "--iodepth=4",
-        "--offset=8m",
+        "--offset=12m",
         "--size=2m",
         "--time_based",
         "--runtime=60",
@@ -372,7 +347,7 @@ fn heat(k: &Kiln) -> FioChild {
 }
 
 /// A whole-volume move onto a new device: AddTier, VolumeMoveStart, hot batches, source
-/// trim, VolumeMoveDone; then a trim of moved data (a runtime tier frees space).
+/// trim, VolumeMoveDone; then the data moves back (a runtime tier frees space).
 #[test]
 fn volume_move_points() {
     if !require_tool("fio") {
@@ -381,9 +356,9 @@ fn volume_move_points() {
     let mut c = Chain::new("cp-move", opts());
     let dst = format!("file:{}?size=256MiB", c.k.dir.join("dst.img").display());
     let by_spec = format!(
-        r#"{{"volume":"vol0","destination":"{dst}","name":"dst","mode":"adaptive","chunk_min":"1MiB","rate_mib_s":4}}"#
+        r#"{{"volume":"vol0","destination":"{dst}","name":"dst","mode":"adaptive","chunk_min":"1MiB","chunk_max":"1MiB","rate_mib_s":4}}"#
     );
-    let by_name = r#"{"volume":"vol0","destination":"dst","mode":"adaptive","chunk_min":"1MiB","rate_mib_s":4}"#;
+    let by_name = r#"{"volume":"vol0","destination":"dst","mode":"adaptive","chunk_min":"1MiB","chunk_max":"1MiB","rate_mib_s":4}"#;
     assert!(c.start(Some("add_tier.before_commit")));
     prefill(&c.k);
     c.rpc_crash("volume_migrate", &by_spec);
@@ -429,29 +404,16 @@ fn volume_move_points() {
         !st.contains("\"running\"") && !st.contains("\"queued\""),
         "a finished move was resumed: {st}"
     );
-    // Regression: freeing space on a runtime tier (a trim of moved data) used to index past
-    // the metadata service's per-tier object table and kill its thread.
-    let mut a = args(&[
-        "--name=trim",
-        "--ioengine=nbd",
-        "--rw=trim",
-        "--bs=1m",
-        "--offset=15m",
-        "--size=1m",
-    ]);
-    a.push(format!("--uri={}", c.k.unix_uri()));
-    let r = fio(&c.k.dir.path, &a, Duration::from_secs(30));
-    assert!(
-        r.status.success(),
-        "trim on the runtime tier: {}",
-        r.describe()
-    );
-    assert_eq!(tiers(&c.k), only("dst", PREFILL_BYTES - MIB));
+    // Regression: freeing space on a runtime tier (the release after moving data off it)
+    // indexed past the metadata service's per-tier object table and killed its thread.
+    c.k.rpc("policy_force_tier", Some(&force("fast")));
+    assert_eq!(tiers(&c.k), only("fast", PREFILL_BYTES));
     verify(
         &c.k,
-        PREFILL_BYTES - MIB,
-        "after a trim on the runtime tier",
+        PREFILL_BYTES,
+        "after moving the data back off the runtime tier",
     );
+    prefill(&c.k);
     eprintln!("volume_move_points: {:.1}s", c.t0.elapsed().as_secs_f64());
 }
 
@@ -538,8 +500,6 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "checkpoint.before_slot_write",
             "checkpoint.after_slot_write",
             "checkpoint.after_superblock_write",
-            "trim.unmap.before_commit",
-            "trim.unmap.after_commit",
         ],
     ),
     (
@@ -616,151 +576,131 @@ impl Drop for RemoveDir {
     }
 }
 
-/// One 4 KiB block (crc32c verify header) at the start of each 1 MiB chunk of
-/// `[offset, offset+size)`: every block maps a whole chunk.
+/// One 4 KiB block (crc32c verify header) at the start of each 64 KiB chunk of volume
+/// "wrap" in `[offset, offset+size)`, queue depth 1: every block is one allocation commit.
 fn strided(k: &Kiln, offset: u64, size: u64, extra: &[&str]) -> Vec<String> {
     let mut a = args(&[
         "--name=strided",
         "--ioengine=nbd",
-        "--rw=write:1020k",
+        "--rw=write:60k",
         "--bs=4k",
         "--iodepth=1",
         "--verify=crc32c",
     ]);
     a.push(format!("--offset={offset}"));
     a.push(format!("--size={size}"));
-    a.push(format!("--uri={}", k.unix_uri()));
+    // One block per chunk, not a wrap-around of the region.
+    a.push(format!("--io_size={}", size / 16));
+    a.push(format!(
+        "--uri=nbd+unix:///wrap?socket={}",
+        k.nbd_sock.display()
+    ));
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
 
-/// Unmapped granules at the start of the volume; asserts the rest up to `end` is mapped.
-fn unmapped_prefix(k: &Kiln, end: u64) -> u64 {
-    let map = k.rpc("volume_get_map", Some(r#"{"volume":"vol0"}"#));
-    let mut first_mapped = None;
-    let mut mapped = 0;
-    for c in map["chunks"].as_array().unwrap() {
-        let (off, len) = (c["offset"].as_u64().unwrap(), c["length"].as_u64().unwrap());
-        if c["tier"].is_null() || off >= end {
-            continue;
-        }
-        first_mapped.get_or_insert(off);
-        mapped += len.min(end - off);
-    }
-    let first = first_mapped.unwrap_or(end);
-    assert_eq!(
-        mapped,
-        end - first,
-        "the mapped part is not one suffix: {map}"
-    );
-    first
+/// Mapped bytes of volume "wrap" in `[offset, offset+size)`.
+fn wrap_mapped(k: &Kiln, offset: u64, size: u64) -> u64 {
+    let map = k.rpc("volume_get_map", Some(r#"{"volume":"wrap"}"#));
+    map["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["tier"].is_null())
+        .map(|c| {
+            let (o, l) = (c["offset"].as_u64().unwrap(), c["length"].as_u64().unwrap());
+            (o + l).min(offset + size).saturating_sub(o.max(offset))
+        })
+        .sum()
 }
 
 /// Log wrap: a commit finds the log 3/4 full (about 5,950 commits of 4 KiB) and writes a
-/// checkpoint first. Every 64 KiB trim of a mapped granule is one commit, so the test maps
-/// 376 chunks and trims them granule by granule. The metadata tier lives on /dev/shm when
-/// it has room (FUA writes there cost microseconds, on a disk milliseconds); its data space
-/// is one granule, so every chunk is allocated on the capacity tier (file, zeroable).
+/// checkpoint first. A second volume with 64 KiB chunks gets one 4 KiB write per chunk at
+/// queue depth 1, so every write is one allocation commit; each round maps fresh chunks
+/// until the armed wrap point kills the server. The fast tier (metadata and data) lives on
+/// /dev/shm when it has room: FUA writes and flushes there cost microseconds, on a disk
+/// milliseconds (then the test takes minutes).
 #[test]
 fn log_wrap_points() {
     if !require_tool("fio") {
         return;
     }
-    const CHUNKS: u64 = 376;
-    let span = CHUNKS * MIB;
+    const ROUND: u64 = 512 * MIB;
+    const CHUNK: u64 = 64 << 10;
     let shm = std::path::Path::new("/dev/shm");
-    let meta_dir = (shm.is_dir() && free_bytes("/dev/shm") > 256 * MIB).then(|| {
+    let meta_dir = (shm.is_dir() && free_bytes("/dev/shm") > 2048 * MIB).then(|| {
         let d = shm.join(format!("kiln-wrap-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         RemoveDir(d)
     });
     let mut o = Opts {
-        fast: "65600KiB",
-        capacity: "512MiB",
-        volume: "512MiB",
+        fast: "1104MiB",
+        capacity: "256MiB",
+        volume: "16MiB",
         ..Opts::default()
     };
     o.reactor.push_str(STATIC);
+    o.reactor
+        .push_str("\n[[volume]]\nname = \"wrap\"\nsize = \"1GiB\"\nchunk_size = \"64KiB\"\n");
     let dir = match &meta_dir {
         Some(d) => d.0.display().to_string(),
         None => {
-            eprintln!("log_wrap_points: no room on /dev/shm: metadata on disk (slow)");
+            eprintln!("log_wrap_points: no room on /dev/shm: the fast tier is on disk (slow)");
             "{d}".to_string()
         }
     };
-    o.fast_device = Some(format!("file:{dir}/fast.img?size=65600KiB"));
+    o.fast_device = Some(format!("file:{dir}/fast.img?size=1104MiB"));
     let mut c = Chain::new("cp-wrap", o);
-    let trims = |k: &Kiln| {
-        let mut a = args(&[
-            "--name=trims",
-            "--ioengine=nbd",
-            "--rw=trim",
-            "--bs=64k",
-            "--iodepth=1",
-            "--offset=0",
-            "--write_lat_log=trimmed",
-            "--log_offset=1",
-        ]);
-        a.push(format!("--size={span}"));
-        a.push(format!("--uri={}", k.unix_uri()));
-        spawn_fio(&k.dir.path, &a)
-    };
-    for (point, next) in [
-        (
-            "log_wrap.before_checkpoint",
-            Some("log_wrap.after_checkpoint"),
-        ),
-        ("log_wrap.after_checkpoint", None),
-    ] {
-        if c.armed.is_none() {
-            assert!(c.start(Some(point)));
-        }
-        let r = fio(
-            &c.k.dir.path,
-            &strided(&c.k, 0, span, &["--do_verify=0"]),
-            Duration::from_secs(120),
-        );
-        assert_clean(&r, "strided writes");
-        let log = c.k.dir.join("trimmed_clat.1.log");
+    assert!(c.start(Some("log_wrap.before_checkpoint")));
+    let mut acked_rounds: Vec<(u64, u64)> = Vec::new();
+    for (round, next) in [Some("log_wrap.after_checkpoint"), None]
+        .into_iter()
+        .enumerate()
+    {
+        let base = round as u64 * ROUND;
+        let point = c.armed.clone().unwrap();
+        let log = c.k.dir.join("acked_clat.1.log");
         let _ = std::fs::remove_file(&log);
-        let w = trims(&c.k);
-        c.expect_crash(Duration::from_secs(120));
+        let w = spawn_fio(
+            &c.k.dir.path,
+            &strided(
+                &c.k,
+                base,
+                ROUND,
+                &["--do_verify=0", "--write_lat_log=acked", "--log_offset=1"],
+            ),
+        );
+        c.expect_crash(Duration::from_secs(300));
         let fio_done = w.finish_or_abandon(Duration::from_secs(10)).is_some();
         assert!(c.start(next));
-        // Trims are sequential at queue depth 1: the acknowledged ones are a prefix, and
-        // recovery keeps them all (the in-flight one may or may not have applied).
-        let acked = if fio_done {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.split(',').nth(2).map(str::trim) == Some("2"))
-                .count() as u64
-        } else {
-            0
-        };
-        let first = unmapped_prefix(&c.k, span);
-        let g = 64 << 10;
-        if fio_done {
-            assert!(
-                (acked * g..=(acked + 1) * g).contains(&first),
-                "{point}: {acked} trims acknowledged but the first mapped byte is {first}"
-            );
-        }
+        // Sequential at queue depth 1: the acknowledged writes are the first n chunks, and
+        // the one in flight was waiting for its allocation commit, which never happened.
+        let mapped = wrap_mapped(&c.k, base, ROUND);
         assert!(
-            first > span / 2,
-            "{point}: too few trims recovered ({first} bytes)"
+            mapped > ROUND / 2,
+            "{point}: only {mapped} bytes mapped: the log wraps after ~5,950 commits"
         );
-        // The chunks no trim reached still hold their data.
-        let whole = first.div_ceil(MIB) * MIB;
-        if whole < span {
+        if fio_done {
+            let acked = acked_offsets(&log);
+            let n = acked.len() as u64;
+            assert!(
+                (0..n).all(|i| acked.contains(&(base + i * CHUNK))),
+                "{point}: acknowledged writes are not a prefix"
+            );
+            assert_eq!(mapped, n * CHUNK, "{point}: {n} writes acknowledged");
+        }
+        acked_rounds.push((base, mapped));
+        // Every acknowledged write of every round so far reads back.
+        for &(b, m) in &acked_rounds {
             let r = fio(
                 &c.k.dir.path,
-                &strided(&c.k, whole, span - whole, &["--verify_only"]),
-                Duration::from_secs(60),
+                &strided(&c.k, b, m, &["--verify_only"]),
+                Duration::from_secs(120),
             );
-            assert_clean(&r, &format!("untrimmed chunks after {point}"));
+            assert_clean(&r, &format!("round at {b} after {point}"));
+            assert_eq!(r.total_ios("read"), m / CHUNK, "{}", r.describe());
         }
-        eprintln!("{point}: {acked} trims acknowledged, first mapped byte {first}");
+        eprintln!("{point}: {} chunks mapped and verified", mapped / CHUNK);
     }
     eprintln!("log_wrap_points: {:.1}s", c.t0.elapsed().as_secs_f64());
 }

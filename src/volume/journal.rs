@@ -873,21 +873,15 @@ impl MetaService {
                 result = self.sync(tier as usize, IoKind::Flush, 0, 0, false);
             }
         }
+        // (`Unmap` records have no crash point: no client operation sends `MetaRequest::Unmap`.)
         let has_map = records.iter().any(|r| matches!(r, Record::Map { .. }));
-        let has_unmap = records.iter().any(|r| matches!(r, Record::Unmap { .. }));
         if result.is_ok() {
             if has_map {
                 crashpoint("alloc.map.before_commit");
             }
-            if has_unmap {
-                crashpoint("trim.unmap.before_commit");
-            }
             result = self.commit(&records);
             if result.is_ok() && has_map {
                 crashpoint("alloc.map.after_commit");
-            }
-            if result.is_ok() && has_unmap {
-                crashpoint("trim.unmap.after_commit");
             }
         }
         match result {
