@@ -406,8 +406,10 @@ fn volume_move_points() {
         Err(e) => assert!(e.contains("has no migration"), "{e}"),
     }
     // Regression: freeing space on a runtime tier (the release after moving data off it)
-    // indexed past the metadata service's per-tier object table and killed its thread.
+    // indexed past the metadata service's per-tier object table and killed its thread
+    // (the release is asynchronous: the checkpoint behind it finds the thread gone).
     c.k.rpc("policy_force_tier", Some(&force("fast")));
+    c.k.rpc("journal_checkpoint", None);
     assert_eq!(tiers(&c.k), only("fast", PREFILL_BYTES));
     verify(
         &c.k,
