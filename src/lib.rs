@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crashpoint;
 pub mod dma;
 pub mod ffi;
 pub mod frame;

@@ -455,6 +455,7 @@ pub fn serve(args: &ServeArgs) -> i32 {
 }
 
 fn serve_inner(args: &ServeArgs) -> Result<(), String> {
+    crate::crashpoint::init_from_env()?;
     let (source, config) = Config::load(args.config.as_deref())?;
     let plan = config.validate(&source)?;
     let sigset = block_signals();

@@ -17,174 +17,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::s3::{self, *};
 use common::*;
-
-const BUCKET: &str = "kiln-test";
-const SECRET: &str = "kiln-secret-7f3a";
-
-/// A `moto_server` on its own port, with one bucket. Killed on drop.
-struct S3Server {
-    port: u16,
-    child: Child,
-}
-
-impl S3Server {
-    fn start(dir: &std::path::Path) -> S3Server {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn moto_server");
-        let s = S3Server { port, child };
-        let t0 = Instant::now();
-        while s.http(&["-o", "/dev/null", "-w", "%{http_code}", &s.url("")]) != "200" {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "moto_server did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let code = s.http(&[
-            "-X",
-            "PUT",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &s.url(BUCKET),
-        ]);
-        assert_eq!(code, "200", "create bucket");
-        s
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{path}", self.port)
-    }
-
-    fn http(&self, a: &[&str]) -> String {
-        let out = Command::new("curl")
-            .arg("-s")
-            .args(a)
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Object keys under `prefix/`, through the server's own ListObjectsV2 API.
-    fn keys(&self, prefix: &str) -> BTreeSet<String> {
-        let mut keys = BTreeSet::new();
-        let mut token = String::new();
-        loop {
-            let mut url = self.url(&format!("{BUCKET}?list-type=2&prefix={prefix}/"));
-            if !token.is_empty() {
-                url.push_str(&format!("&continuation-token={token}"));
-            }
-            let xml = self.http(&[&url]);
-            assert!(xml.contains("ListBucketResult"), "ListObjectsV2: {xml}");
-            for part in xml.split("<Key>").skip(1) {
-                keys.insert(part.split("</Key>").next().unwrap().to_string());
-            }
-            match xml.split("<NextContinuationToken>").nth(1) {
-                Some(t) => token = t.split('<').next().unwrap().to_string(),
-                None => return keys,
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn tools() -> bool {
     require_tools(&["fio", "moto_server", "curl"])
-}
-
-/// Three tiers: the test harness's fast and capacity files, then the bucket.
-/// `timeout_ms`: per S3 request (short where the test stops the server on purpose).
-fn opts(
-    s3: &S3Server,
-    prefix: &str,
-    fast: &'static str,
-    volume: &'static str,
-    timeout_ms: u64,
-) -> Opts {
-    let mut o = Opts {
-        fast,
-        capacity: "512MiB",
-        volume,
-        ..Opts::default()
-    };
-    o.reactor.push_str(&format!(
-        r#"
-[policy]
-policy = "static"
-interval_ms = 200
-
-[[tier]]
-name = "cold"
-device = "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1&timeout_ms={timeout_ms}&retries=2&access_key_id=test&secret_access_key={SECRET}"
-capacity = "64GiB"
-cost_per_gib_month = 0.004
-cost_per_1k_get = 0.0004
-cost_per_1k_put = 0.005
-read_latency_us = 20000
-write_latency_us = 40000
-bandwidth_mib_s = 100
-"#,
-        port = s3.port
-    ));
-    o
-}
-
-/// The map's object generations (tier_offset / 64 MiB of chunks on "cold"), and whether
-/// every chunk is there.
-fn cold_gens(k: &Kiln) -> (BTreeSet<u64>, bool) {
-    let map = k.rpc("volume_get_map", Some(r#"{"volume":"vol0"}"#));
-    let mut gens = BTreeSet::new();
-    let mut all = true;
-    for c in map["chunks"].as_array().unwrap() {
-        match c["tier"].as_str() {
-            Some("cold") => {
-                let first = c["tier_offset"].as_u64().unwrap() >> 26;
-                let last =
-                    (c["tier_offset"].as_u64().unwrap() + c["length"].as_u64().unwrap() - 1) >> 26;
-                gens.extend(first..=last);
-            }
-            Some(_) => all = false,
-            None => {}
-        }
-    }
-    (gens, all)
-}
-
-fn key_gens(keys: &BTreeSet<String>, prefix: &str) -> BTreeSet<u64> {
-    keys.iter()
-        .map(|k| {
-            let hex = k
-                .strip_prefix(&format!("{prefix}/kiln-obj-"))
-                .unwrap_or_else(|| panic!("unexpected key {k}"));
-            u64::from_str_radix(hex, 16).unwrap()
-        })
-        .collect()
 }
 
 fn cold(k: &Kiln) -> Value {
@@ -246,7 +87,7 @@ fn demoted_volume_reads_back_from_s3_and_gc_keeps_only_named_generations() {
     let scratch = TempDir::new("s3-int-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "int";
-    let k = Kiln::start("s3-int", opts(&s3, prefix, "128MiB", "128MiB", 20_000));
+    let k = Kiln::start("s3-int", s3::opts(&s3, prefix, "128MiB", "128MiB", 20_000));
     // Credentials never show.
     let tl = k.rpc("tier_list", None).to_string();
     assert!(!tl.contains(SECRET) && tl.contains("<redacted>"), "{tl}");
@@ -369,7 +210,10 @@ fn kill9_during_demotion_loses_nothing_and_gc_deletes_the_orphans() {
     let scratch = TempDir::new("s3-crash-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "crash";
-    let mut k = Kiln::start("s3-crash", opts(&s3, prefix, "128MiB", "128MiB", 20_000));
+    let mut k = Kiln::start(
+        "s3-crash",
+        s3::opts(&s3, prefix, "128MiB", "128MiB", 20_000),
+    );
     let write = fio_job(&k, "all", "randwrite", "0", "128m", &["--do_verify=0"]);
     run_clean(&k, &write, "write");
     // Three rounds: start (or resume) the forced demotion, kill -9 while an object is in
@@ -441,7 +285,7 @@ fn stopped_s3_fails_cold_reads_with_eio_and_recovers() {
     let scratch = TempDir::new("s3-deg-moto");
     let s3 = S3Server::start(&scratch.path);
     let prefix = "deg";
-    let k = Kiln::start("s3-deg", opts(&s3, prefix, "128MiB", "64MiB", 3000));
+    let k = Kiln::start("s3-deg", s3::opts(&s3, prefix, "128MiB", "64MiB", 3000));
     let cold_job = fio_job(&k, "coldpart", "randwrite", "0", "32m", &["--do_verify=0"]);
     run_clean(&k, &cold_job, "write cold part");
     k.rpc("policy_force_tier", Some(r#"{"tier":"cold","wait":true}"#));

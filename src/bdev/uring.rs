@@ -30,6 +30,25 @@ pub struct UringDevice {
     path: PathBuf,
     sqpoll: bool,
     iopoll: bool,
+    /// `fallocate` mode of write-zeroes: ZERO_RANGE, or PUNCH_HOLE where the filesystem
+    /// has no ZERO_RANGE (tmpfs); both leave zeros and keep the size.
+    zero_mode: i32,
+}
+
+/// Whether the file supports `FALLOC_FL_ZERO_RANGE`, asked with a zero-range of one block
+/// past the end (KEEP_SIZE: neither the size nor any data changes).
+fn zero_range_supported(file: &File, size_bytes: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate(2) on our own open descriptor; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            size_bytes as libc::off_t,
+            4096,
+        )
+    };
+    !(rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP))
 }
 
 pub(crate) fn io_err(path: &Path, what: &str, e: std::io::Error) -> DeviceError {
@@ -161,6 +180,12 @@ impl UringDevice {
             }
             supported && is_direct
         };
+        let zero_mode = if is_block || zero_range_supported(&file, size_bytes) {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            tracing::info!(path = %path.display(), "no FALLOC_FL_ZERO_RANGE here: write-zeroes punches holes");
+            libc::FALLOC_FL_PUNCH_HOLE
+        };
         Ok(UringDevice {
             info: DeviceInfo {
                 name,
@@ -175,6 +200,7 @@ impl UringDevice {
             path: path.to_path_buf(),
             sqpoll,
             iopoll,
+            zero_mode,
         })
     }
 
@@ -224,6 +250,7 @@ impl BlockDevice for UringDevice {
             capacity: opts.queue_depth.max(1) as usize,
             registered,
             iopoll: self.iopoll,
+            zero_mode: self.zero_mode,
         }))
     }
 }
@@ -236,6 +263,7 @@ struct UringChannel {
     capacity: usize,
     registered: bool,
     iopoll: bool,
+    zero_mode: i32,
 }
 
 const FILE: types::Fixed = types::Fixed(0);
@@ -286,7 +314,7 @@ impl IoChannel for UringChannel {
                 .build(),
             IoKind::WriteZeroes => opcode::Fallocate::new(FILE, req.len_bytes as u64)
                 .offset(req.offset_bytes)
-                .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                .mode(self.zero_mode | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
             IoKind::Trim => opcode::Fallocate::new(FILE, req.len_bytes as u64)
                 .offset(req.offset_bytes)

@@ -36,6 +36,7 @@ use crate::bdev::{
     BlockDevice, ChannelOptions, Completion, IoChannel, IoKind, IoRequest, SubmitError,
 };
 use crate::clock::now_ns;
+use crate::crashpoint::crashpoint;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::volume::epoch::Epochs;
 use crate::volume::extent_map::{Location, Migration};
@@ -686,6 +687,7 @@ impl Migrator {
     ) -> Result<(), String> {
         let g = vol.map.granule_bytes;
         let unit = (self.copy_unit_bytes / g).max(1);
+        crashpoint("migrate.copy.before");
         let mut u = 0;
         while u < count {
             let n = unit.min(count - u);
@@ -705,6 +707,7 @@ impl Migrator {
         // volatile write cache a crash could otherwise keep the record and lose the data
         // it points at (found by `kiln sim`, seed 15).
         self.flush_tier(to.tier)?;
+        crashpoint("migrate.copy.after_flush");
         self.meta_call(|reply| MetaRequest::Switch {
             volume,
             first_granule: first,

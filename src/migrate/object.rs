@@ -24,6 +24,7 @@ use crossbeam_channel::Sender;
 use super::{MigrateError, Migrator};
 use crate::bdev::object::{ObjectHeader, ObjectTier, HEADER_BYTES, OBJECT_SPAN_GRANULES};
 use crate::bdev::IoRequest;
+use crate::crashpoint::crashpoint;
 use crate::volume::extent_map::{Location, Migration};
 use crate::volume::journal::{MetaRequest, GRANULE_BYTES};
 
@@ -70,7 +71,10 @@ pub fn tier_gc(
         0
     } else {
         tracing::info!(tier = %object.tier_name(), count = dead.len(), "tier_gc: deleting objects no map entry names");
-        object.delete_blocking(dead)?
+        crashpoint("object.gc.before_delete");
+        let n = object.delete_blocking(dead)?;
+        crashpoint("object.gc.after_delete");
+        n
     };
     Ok(GcReport { listed, deleted })
 }
@@ -193,6 +197,7 @@ impl Migrator {
             let mut body = header.encode();
             body.extend_from_slice(&data);
             drop(data);
+            crashpoint("object.put.before");
             object.put_blocking(gen, body)?;
             // Verify the stored object against what was read before switching.
             let back = object.get_blocking(gen)?;
@@ -209,6 +214,7 @@ impl Migrator {
                 ));
             }
             self.stats.bytes_verified.fetch_add(bytes, Relaxed);
+            crashpoint("object.put.after_verify");
             let switch: Vec<_> = runs
                 .iter()
                 .map(|&(f, n, loc)| {

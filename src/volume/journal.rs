@@ -29,6 +29,7 @@ use super::Volume;
 use crate::bdev::{
     submit_and_wait, BlockDevice, ChannelOptions, IoChannel, IoKind, IoRequest, BUF_INDEX_NONE,
 };
+use crate::crashpoint::crashpoint;
 use crate::dma::AlignedBuf;
 use crate::frame;
 
@@ -669,11 +670,13 @@ impl MetaService {
         let seq = self.state.next_seq - 1;
         let bytes = self.encode_checkpoint(seq, volumes);
         let slot = 1 - self.state.checkpoint_slot;
+        crashpoint("checkpoint.before_slot_write");
         self.write_frame_block(
             CHECKPOINT_OFFSETS[slot as usize],
             &bytes,
             CHECKPOINT_BYTES_MAX,
         )?;
+        crashpoint("checkpoint.after_slot_write");
         let generation = self.state.generation + 1;
         let sb = Superblock {
             version: FORMAT_VERSION,
@@ -694,6 +697,7 @@ impl MetaService {
             &sb_bytes,
             SUPERBLOCK_BYTES,
         )?;
+        crashpoint("checkpoint.after_superblock_write");
         self.state.generation = generation;
         self.state.checkpoint_slot = slot;
         self.state.log_pos = 0;
@@ -711,7 +715,9 @@ impl MetaService {
         }
         let len = (bytes.len() as u64).next_multiple_of(BLOCK_BYTES);
         if self.state.log_pos + len > LOG_BYTES * 3 / 4 {
+            crashpoint("log_wrap.before_checkpoint");
             self.write_checkpoint()?;
+            crashpoint("log_wrap.after_checkpoint");
         }
         if len > LOG_BYTES {
             return Err("commit larger than the log".into());
@@ -867,8 +873,16 @@ impl MetaService {
                 result = self.sync(tier as usize, IoKind::Flush, 0, 0, false);
             }
         }
+        // (`Unmap` records have no crash point: no client operation sends `MetaRequest::Unmap`.)
+        let has_map = records.iter().any(|r| matches!(r, Record::Map { .. }));
         if result.is_ok() {
+            if has_map {
+                crashpoint("alloc.map.before_commit");
+            }
             result = self.commit(&records);
+            if result.is_ok() && has_map {
+                crashpoint("alloc.map.after_commit");
+            }
         }
         match result {
             Ok(()) => {
@@ -927,7 +941,18 @@ impl MetaService {
             tier: to.tier,
             phys_granule: to.phys_granule,
         };
+        let promote = to.tier < from.tier;
+        if promote {
+            crashpoint("promote.switch.before_commit");
+        } else {
+            crashpoint("demote.switch.before_commit");
+        }
         self.commit(std::slice::from_ref(&rec))?;
+        if promote {
+            crashpoint("promote.switch.after_commit");
+        } else {
+            crashpoint("demote.switch.after_commit");
+        }
         self.apply(&rec, false)?;
         self.publish_usage();
         Ok(())
@@ -965,7 +990,21 @@ impl MetaService {
                 phys_granule: to.phys_granule,
             });
         }
+        // Onto an object tier (a demotion's objects) or a block tier (a batch of moves).
+        let object = runs
+            .first()
+            .is_some_and(|r| self.object[r.3.tier as usize].is_some());
+        if object {
+            crashpoint("object.switch.before_commit");
+        } else {
+            crashpoint("batch.switch.before_commit");
+        }
         self.commit(&records)?;
+        if object {
+            crashpoint("object.switch.after_commit");
+        } else {
+            crashpoint("batch.switch.after_commit");
+        }
         for r in &records {
             self.apply(r, false)?;
         }
@@ -1123,6 +1162,7 @@ impl MetaService {
                     } => {
                         self.free_space(tier, phys_granule, count);
                         self.publish_usage();
+                        crashpoint("migrate.release.after_free");
                     }
                     MetaRequest::Shutdown { reply } => {
                         self.handle_batch(std::mem::take(&mut work));

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod s3;
+
 /// The binary under test.
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -341,6 +343,12 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// Starts the server (appending to its log) and waits for RPC readiness.
     pub fn spawn(&mut self) {
+        self.spawn_env(&[]);
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Starts the server with extra environment variables; does not wait for readiness.
+    pub fn spawn_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "server already running");
         let log = OpenOptions::new()
             .create(true)
@@ -355,28 +363,22 @@ listen = "127.0.0.1:{metrics_port}"
             .current_dir(&self.dir.path)
             .env("NO_COLOR", "1")
             .env("KILN_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("spawn kiln serve");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(60));
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("server running").id()
-    }
-
-    fn wait_ready(&mut self, limit: Duration) {
+    /// Waits until the server answers RPC (Ok) or exits (Err with its status, reaped).
+    pub fn ready_or_exit(&mut self, limit: Duration) -> Result<(), ExitStatus> {
         let t0 = Instant::now();
         loop {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                panic!(
-                    "kiln serve exited during startup ({st}); log:\n{}",
-                    self.log_text()
-                );
+                return Err(st);
             }
             let out = Command::new(KILN)
                 .args(["rpc", "kiln_get_version", "--timeout", "2", "-s"])
@@ -384,15 +386,34 @@ listen = "127.0.0.1:{metrics_port}"
                 .output()
                 .expect("run kiln rpc");
             if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"kiln\"") {
-                return;
+                return Ok(());
             }
-            if t0.elapsed() > limit {
-                panic!(
-                    "kiln serve not ready after {limit:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
+            assert!(
+                t0.elapsed() < limit,
+                "kiln serve neither ready nor exited after {limit:?}; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (at most `limit`) for the server to exit by itself and reaps it.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let st = wait_timeout(self.child.as_mut().expect("server running"), limit)?;
+        self.child = None;
+        Some(st)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        if let Err(st) = self.ready_or_exit(limit) {
+            panic!(
+                "kiln serve exited during startup ({st}); log:\n{}",
+                self.log_text()
+            );
         }
     }
 

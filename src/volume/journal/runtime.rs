@@ -21,6 +21,7 @@ use super::{
 };
 use crate::bdev::spec::DeviceSpec;
 use crate::bdev::{BlockDevice, ChannelOptions, IoKind};
+use crate::crashpoint::crashpoint;
 use crate::frame;
 use crate::volume::allocator::TierAllocator;
 
@@ -147,6 +148,8 @@ impl MetaService {
             usage: usage.clone(),
         });
         self.chans.push(chan);
+        // Every per-tier table grows with the tier (free_space and place index `object`).
+        self.object.push(device.object_tier());
         self.allocators
             .push(TierAllocator::new(0, tier.capacity_bytes / GRANULE_BYTES));
         let open = RuntimeTierOpen {
@@ -179,12 +182,14 @@ impl MetaService {
             capacity_bytes: capacity,
         };
         // Durable before anything can be mapped onto it.
+        crashpoint("add_tier.before_commit");
         self.commit(&[Record::AddTier {
             index: tier.index,
             name: tier.name.clone(),
             device: tier.device.clone(),
             capacity_bytes: tier.capacity_bytes,
         }])?;
+        crashpoint("add_tier.after_commit");
         let open = self.install_tier(tier, dev)?;
         self.publish_usage();
         tracing::info!(tier = %name, index = open.tier.index, %device, "tier added");
@@ -215,7 +220,17 @@ impl MetaService {
                 params,
             }
         };
+        if done {
+            crashpoint("volume_move.done.before_commit");
+        } else {
+            crashpoint("volume_move.start.before_commit");
+        }
         self.commit(std::slice::from_ref(&rec))?;
+        if done {
+            crashpoint("volume_move.done.after_commit");
+        } else {
+            crashpoint("volume_move.start.after_commit");
+        }
         self.apply_runtime(&rec, false)
     }
 
@@ -303,6 +318,7 @@ impl MetaService {
         let mut trimmed = 0u64;
         // A trim's length is a u32: 1 GiB pieces.
         let piece = 1u64 << 30;
+        crashpoint("volume_move.trim.before");
         for (start, count) in ranges {
             let (mut off, end) = (start * GRANULE_BYTES, (start + count) * GRANULE_BYTES);
             while off < end {
@@ -312,6 +328,7 @@ impl MetaService {
                 trimmed += len;
             }
         }
+        crashpoint("volume_move.trim.after");
         tracing::info!(tier = %self.tiers[t].name, trimmed, "free space of the tier trimmed");
         Ok(trimmed)
     }
