@@ -1200,7 +1200,12 @@ mod tests {
                 };
                 Ok(part[..part.len().min(len as usize)].to_vec())
             };
-            let found = recover_region(&mut read, &tiers(), &[volume.clone()], &mut allocators);
+            let found = recover_region(
+                &mut read,
+                &tiers(),
+                std::slice::from_ref(&volume),
+                &mut allocators,
+            );
             (found, volume)
         }
 
@@ -1326,7 +1331,7 @@ mod tests {
         frame::encode(MAGIC_RECORD, u64::MAX, &map(0, 1, 1, 0), &mut log);
         let volume = Arc::new(Volume::new(0, "v0", 2 << 20, 1 << 20));
         let e = scan_log(&log, u64::MAX, |_, r| {
-            apply_record(&[volume.clone()], &[0, 128], r, true)
+            apply_record(std::slice::from_ref(&volume), &[0, 128], r, true)
         })
         .unwrap_err();
         assert!(e.contains("at its limit"), "{e}");
