@@ -30,7 +30,9 @@ total=0
 crashes_total=0
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
-    before=$(find "artifacts/$t" -type f | wc -l)
+    # Crash, leak, timeout and out-of-memory inputs; not slow-unit-* (a slow unit is no failure).
+    failures() { find "artifacts/$1" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
+    before=$(failures "$t")
     extra=()
     [[ -n ${DICTS[$t]:-} ]] && extra+=("-dict=${DICTS[$t]}")
     echo "== fuzz $t for $RUNS runs"
@@ -43,7 +45,7 @@ for t in "${TARGETS[@]}"; do
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$WORK/$t.log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$WORK/$t.log" | tail -1)
     corpus=$(find "corpus/$t" -type f | wc -l)
-    crashes=$(($(find "artifacts/$t" -type f | wc -l) - before))
+    crashes=$(($(failures "$t") - before))
     [[ $rc -ne 0 && $crashes -eq 0 ]] && crashes=1 # died without an artifact (e.g. killed)
     secs=$(python3 -c "print(f'{$end - $start:.0f}')")
     echo "$t: executions=${execs:-?} exec_per_s=${rate:-?} seconds=$secs corpus=$corpus crashes=$crashes rc=$rc"
@@ -63,8 +65,8 @@ section = f"""<!-- fuzz:begin -->
 Each cargo-fuzz target for {int(os.environ['RUNS']):,} executions, one after the other, on the
 stable toolchain with `RUSTC_BOOTSTRAP=1`, AddressSanitizer and debug assertions (`-a`):
 `bench/fuzz.sh {os.environ['RUNS']}`. Machine: {os.environ['HOST']}. Corpus = files in
-fuzz/corpus/TARGET after the run (it persists between runs); crashes = new files in
-fuzz/artifacts/TARGET.
+fuzz/corpus/TARGET after the run (it persists between runs); crashes = new crash, leak,
+timeout or oom files in fuzz/artifacts/TARGET.
 
 | target | executions | exec/s | seconds | corpus | crashes |
 |---|---:|---:|---:|---:|---:|
