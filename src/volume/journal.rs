@@ -1148,10 +1148,11 @@ pub fn recover_region(
                     device: device.clone(),
                     capacity_bytes: *capacity_bytes,
                 };
-                runtime::check_runtime_tier(&t, tier_granules.len())?;
-                tier_granules.push(t.capacity_bytes / GRANULE_BYTES);
-                runtime_tiers.push(t);
-                Ok(())
+                // No `?` here: the error takes the record's sequence below.
+                runtime::check_runtime_tier(&t, tier_granules.len()).map(|()| {
+                    tier_granules.push(t.capacity_bytes / GRANULE_BYTES);
+                    runtime_tiers.push(t);
+                })
             }
             Record::VolumeMoveStart { .. } | Record::VolumeMoveDone { .. } => {
                 runtime::apply_move(&mut moves, tier_granules.len(), rec, true)
