@@ -23,8 +23,8 @@ use std::sync::Arc;
 use kiln::frame;
 use kiln::volume::allocator::TierAllocator;
 use kiln::volume::journal::{
-    self as j, Checkpoint, CheckpointExt, MappedRun, MoveParams, Record, RuntimeTier,
-    Superblock, VolumeImage, VolumeMoveState, GRANULE_BYTES,
+    self as j, Checkpoint, CheckpointExt, MappedRun, MoveParams, Record, RuntimeTier, Superblock,
+    VolumeImage, VolumeMoveState, GRANULE_BYTES,
 };
 use kiln::volume::Volume;
 use libfuzzer_sys::fuzz_target;
