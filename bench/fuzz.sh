@@ -5,6 +5,8 @@
 # into bench/RESULTS.md between the fuzz markers and prints a last line
 # `fuzz: T targets, E executions, C crashes`.
 #   bench/fuzz.sh [RUNS] [TARGET...]       e.g. bench/fuzz.sh 10000000
+# MAX_SECONDS=N caps each target's run (libFuzzer -max_total_time; 0 = no cap): the table
+# then shows the executions actually reached. The runs go one at a time under `nice`.
 # Needs cargo-fuzz (cargo install cargo-fuzz --locked --version 0.13.2). The corpora persist
 # in fuzz/corpus/TARGET between runs; crashes land in fuzz/artifacts/TARGET.
 set -euo pipefail
@@ -18,7 +20,9 @@ TARGETS=("$@")
 declare -A SEEDS=([config_toml]=../configs)
 declare -A DICTS=([config_toml]=dict/config_toml.dict)
 BUILD_FLAGS=(-a)
-FUZZ_FLAGS=(-max_len=4096 -rss_limit_mb=1024 -malloc_limit_mb=256 -print_final_stats=1)
+MAX_SECONDS=${MAX_SECONDS:-0}
+FUZZ_FLAGS=(-max_len=4096 -rss_limit_mb=1024 -malloc_limit_mb=256 -print_final_stats=1
+    -max_total_time="$MAX_SECONDS")
 
 cargo fuzz --version >/dev/null 2>&1 || { echo "bench/fuzz.sh needs cargo-fuzz" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
@@ -39,7 +43,7 @@ for t in "${TARGETS[@]}"; do
     start=$(date +%s.%N)
     rc=0
     # shellcheck disable=SC2086  # SEEDS holds zero or one directory
-    cargo fuzz run "${BUILD_FLAGS[@]}" "$t" "corpus/$t" ${SEEDS[$t]:-} -- \
+    nice -n 10 cargo fuzz run "${BUILD_FLAGS[@]}" "$t" "corpus/$t" ${SEEDS[$t]:-} -- \
         -runs="$RUNS" "${FUZZ_FLAGS[@]}" "${extra[@]}" >"$WORK/$t.log" 2>&1 || rc=$?
     end=$(date +%s.%N)
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$WORK/$t.log" | tail -1)
@@ -55,16 +59,18 @@ for t in "${TARGETS[@]}"; do
     crashes_total=$((crashes_total + crashes))
 done
 final="fuzz: ${#TARGETS[@]} targets, $total executions, $crashes_total crashes"
-ROWS=$rows FINAL=$final RUNS=$RUNS HOST="$(nproc) cores, $(cargo fuzz --version), $(rustc --version)" \
+ROWS=$rows FINAL=$final RUNS=$RUNS MAX_SECONDS=$MAX_SECONDS HOST="$(nproc) cores, $(cargo fuzz --version), $(rustc --version)" \
     python3 - <<'PY'
 import os, re
 rows, final = os.environ["ROWS"], os.environ["FINAL"]
-section = f"""<!-- fuzz:begin -->
+cap = int(os.environ["MAX_SECONDS"])
+capped = f" or {cap} s, whichever came first" if cap else ""
+section = f"""<!-- BEGIN fuzz -->
 ## Fuzzing (bench/fuzz.sh)
 
-Each cargo-fuzz target for {int(os.environ['RUNS']):,} executions, one after the other, on the
-stable toolchain with `RUSTC_BOOTSTRAP=1`, AddressSanitizer and debug assertions (`-a`):
-`bench/fuzz.sh {os.environ['RUNS']}`. Machine: {os.environ['HOST']}. Corpus = files in
+Each cargo-fuzz target for {int(os.environ['RUNS']):,} executions{capped}, one after the other,
+on the stable toolchain with `RUSTC_BOOTSTRAP=1`, AddressSanitizer and debug assertions (`-a`):
+`{"MAX_SECONDS=%d " % cap if cap else ""}bench/fuzz.sh {os.environ['RUNS']}`. Machine: {os.environ['HOST']}. Corpus = files in
 fuzz/corpus/TARGET after the run (it persists between runs); crashes = new crash, leak,
 timeout or oom files in fuzz/artifacts/TARGET.
 
@@ -73,10 +79,10 @@ timeout or oom files in fuzz/artifacts/TARGET.
 {rows.rstrip()}
 
 `{final}`
-<!-- fuzz:end -->"""
+<!-- END fuzz -->"""
 path = os.path.join(os.environ["ROOT"], "bench/RESULTS.md")
 text = open(path).read() if os.path.exists(path) else ""
-m = re.search(r"<!-- fuzz:begin -->.*?<!-- fuzz:end -->", text, re.S)
+m = re.search(r"<!-- BEGIN fuzz -->.*?<!-- END fuzz -->", text, re.S)
 if m:
     text = text[:m.start()] + section + text[m.end():]
 else:

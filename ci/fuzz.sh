@@ -2,10 +2,11 @@
 # Short fuzz runs of every cargo-fuzz target in fuzz/ on the stable toolchain.
 #   ci/fuzz.sh [SECONDS_PER_TARGET]      default 15
 # cargo-fuzz passes -Z flags (sanitizer, coverage instrumentation); RUSTC_BOOTSTRAP=1 lets
-# the stable compiler accept them, so no nightly toolchain is needed. The build goes to
-# fuzz/target, the corpora to fuzz/corpus/TARGET (both ignored by git); crashes land in
+# the stable compiler accept them, so no nightly toolchain is needed. One `cargo fuzz build`
+# builds every target (kiln without its `s3` feature: see fuzz/Cargo.toml) into fuzz/target,
+# the corpora go to fuzz/corpus/TARGET (both ignored by git); crashes land in
 # fuzz/artifacts/TARGET and fail the run. Without cargo-fuzz: a loud SKIPPED line, or a
-# failure under CI=true (.ci/run installs it).
+# failure under CI=true (.ci/run installs it). The last line gives the build and total time.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 SECS=${1:-15}
@@ -29,8 +30,10 @@ if [[ $listed != "$wanted" ]]; then
     echo "FAILED: fuzz/Cargo.toml has targets '$listed' but ci/fuzz.sh runs '$wanted'" >&2
     exit 1
 fi
+t0=$SECONDS
 echo "== cargo fuzz build ${BUILD_FLAGS[*]} (all targets)"
 cargo fuzz build "${BUILD_FLAGS[@]}"
+build_s=$((SECONDS - t0))
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for t in "${TARGETS[@]}"; do
@@ -49,4 +52,4 @@ for t in "${TARGETS[@]}"; do
     fi
     grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::average_exec_per_sec)' "$log"
 done
-echo "fuzz: ${#TARGETS[@]} targets, ${SECS}s each, no crash"
+echo "fuzz: ${#TARGETS[@]} targets, ${SECS}s each, no crash; build ${build_s}s, total $((SECONDS - t0))s"

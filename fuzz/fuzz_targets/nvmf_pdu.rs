@@ -40,6 +40,9 @@ struct Controller {
     reg: Registry,
     local: SocketAddr,
     ctrl: Option<Arc<Ctrl>>,
+    /// Every controller an admin Connect created, killed at the end as the server does when
+    /// the admin queue closes (a subsystem and its controllers point at each other).
+    admins: Vec<Arc<Ctrl>>,
     out: Vec<u8>,
     /// Replace a Connect's data by a well-formed one (mode bit 6).
     good_connect: bool,
@@ -59,8 +62,9 @@ impl Controller {
             reg,
             local,
             ctrl: None,
+            admins: Vec::new(),
             out: vec![0; OUT_BYTES],
-            good_connect: mode & 64 != 0,
+            good_connect: false,
         };
         if mode & 24 != 0 {
             let discovery = mode & 16 != 0;
@@ -82,6 +86,7 @@ impl Controller {
             c.command(&enable, &[]);
             assert!(c.ctrl.is_some(), "the harness's own Connect failed");
         }
+        c.good_connect = mode & 64 != 0;
         c
     }
 
@@ -99,6 +104,7 @@ impl Controller {
                 Ok(c) => {
                     assert!(c.entries >= 2 && c.entries <= ctrl::QUEUE_ENTRIES_MAX);
                     if c.qid == 0 {
+                        self.admins.push(c.ctrl.clone());
                         self.ctrl = Some(c.ctrl);
                     }
                 }
@@ -126,6 +132,14 @@ impl Controller {
                 assert!(status == 0 || data_len == 0, "data with status {status:#x}");
             }
             AdminOutcome::HoldAer => {}
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for c in &self.admins {
+            c.kill();
         }
     }
 }
