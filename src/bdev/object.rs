@@ -364,6 +364,8 @@ pub struct ObjectTier {
     tier_name: OnceLock<String>,
     jobs: JobSender,
     degraded: AtomicBool,
+    /// Failed requests in a row (only the `s3` client counts them).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     failures: AtomicU64,
     pub stats: ObjectStats,
     last_log_ns: AtomicU64,
