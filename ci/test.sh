@@ -17,5 +17,10 @@ echo "== cargo test --release"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release -- --test-threads=2 2>&1 | tee "$log"
+# Every fuzz target for a short time (its own build under fuzz/target; SKIPPED outside CI
+# without cargo-fuzz). It prints no "test result:" lines, so the closing line below still
+# counts exactly the cargo tests.
+echo "== ci/fuzz.sh"
+ci/fuzz.sh "${FUZZ_SECONDS:-15}"
 # One closing line over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

@@ -303,6 +303,20 @@ pub struct Plan {
     pub policy: crate::policy::PolicyConfig,
 }
 
+/// Escapes control characters (a newline in a quoted value, say), so that an error message
+/// echoing the config stays one line.
+fn one_line(what: &str) -> String {
+    let mut out = String::with_capacity(what.len());
+    for c in what.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -335,7 +349,7 @@ impl Config {
 
     /// Checks everything that can be checked without opening devices.
     pub fn validate(&self, source: &str) -> Result<Plan, String> {
-        let err = |key: String, what: String| Err(format!("{source}: {key}: {what}"));
+        let err = |key: String, what: String| Err(format!("{source}: {key}: {}", one_line(&what)));
         if self.tiers.is_empty() {
             return err("tier".into(), "at least one [[tier]] is required".into());
         }
@@ -534,7 +548,9 @@ impl Config {
     ) -> Result<Vec<SubsystemPlan>, String> {
         let mut out: Vec<SubsystemPlan> = Vec::new();
         for (i, s) in self.subsystems.iter().enumerate() {
-            let err = |k: &str, what: String| Err(format!("{source}: subsystem[{i}].{k}: {what}"));
+            let err = |k: &str, what: String| {
+                Err(format!("{source}: subsystem[{i}].{k}: {}", one_line(&what)))
+            };
             if let Err(e) = check_nqn(&s.nqn) {
                 return err("nqn", e);
             }
@@ -637,6 +653,30 @@ mod tests {
         assert_eq!(p.tiers.len(), 2);
         assert_eq!(p.volumes[0].size_bytes, 4 << 30);
         assert_eq!(p.nbd.listen.len(), 2);
+    }
+
+    /// Found by the `config_toml` fuzz target's one-line check: values echoed in messages
+    /// kept their newlines.
+    #[test]
+    fn errors_stay_one_line() {
+        let text = "[[tier]]\nname='a'\ndevice=\"malloc:64M\\nx\"\ncapacity='64M'\ncost_per_gib_month=0.1\nread_latency_us=1\nwrite_latency_us=1\nbandwidth_mib_s=1\n";
+        let e = Config::parse("k.toml", text)
+            .unwrap()
+            .validate("k.toml")
+            .unwrap_err();
+        assert!(
+            e.starts_with("k.toml: tier[0].device: ") && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(e.contains("malloc:64M\\nx"), "{e}");
+        let e = Config::parse("k.toml", &text.replace("name='a'", "name=\"a\\nb\""))
+            .unwrap()
+            .validate("k.toml")
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "k.toml: tier[0].name: 'a\\nb' is not a valid name (letters, digits, - _ .)"
+        );
     }
 
     #[test]

@@ -722,6 +722,267 @@ fn raw_client_protocol_behaviour_and_bad_input() {
     assert!(t.k.log_text().contains("NVMe/TCP connection terminated"));
 }
 
+/// A fresh connection pair after bad input: ICReq, admin Connect, CC.EN, I/O Connect, then a
+/// write and its read-back. Proves the listener and the reactors still serve new hosts.
+fn new_connection_works(port: u16, what: &str) {
+    let (_admin, mut io, _) = controller(port, Digests::default());
+    let data = vec![what.len() as u8; 4096];
+    assert_eq!(
+        io.write(11, &data).status,
+        0,
+        "write on a new connection after {what}"
+    );
+    let (c, back) = io.read(11, 1);
+    assert_eq!(c.status, 0, "read on a new connection after {what}");
+    assert!(back == data, "read back on a new connection after {what}");
+}
+
+/// Issue 7's robustness acceptance over raw TCP: truncated PDUs, oversized and inconsistent
+/// lengths (HLEN, PLEN, PDO, DATAL), PDU types only a controller may send, and unknown opcodes.
+/// Transport errors get a C2HTermReq with the exact FES/FEI and close that connection only;
+/// command errors get the exact NVMe status and the queue goes on. After every case a new
+/// connection works, and a queue opened before everything keeps working.
+#[test]
+fn bad_pdus_and_opcodes_leave_other_connections_working() {
+    let t = start("nvmf-robust");
+    let port = t.port;
+    let (_admin, mut healthy, _) = controller(port, Digests::default());
+    let mut check = |what: &str| {
+        let (c, _) = healthy.read(3, 1);
+        assert_eq!(c.status, 0, "the old queue broke after {what}");
+        new_connection_works(port, what);
+    };
+    let capsule = |sqe: &Sqe, data_bytes: usize| {
+        let mut b = [0u8; 72];
+        p::encode_capsule_cmd(&mut b, sqe, data_bytes, Digests::default());
+        b
+    };
+    let write = Sqe {
+        opcode: p::IO_WRITE,
+        nsid: 1,
+        sgl_type: p::SGL_DATA_BLOCK_OFFSET,
+        ..Default::default()
+    };
+
+    // Oversized lengths. PLEN at its maximum: more in-capsule data than IOCCSZ allows.
+    let mut r = Raw::ic(port, Digests::default());
+    let b = capsule(&write, u32::MAX as usize - 72);
+    assert_eq!(p::le32(&b, 4), u32::MAX);
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_DATA_LIMIT_EXCEEDED, 4);
+    check("PLEN 0xffffffff");
+    // PLEN shorter than the header.
+    let mut r = Raw::ic(port, Digests::default());
+    let mut b = capsule(&Sqe::default(), 0);
+    p::put32(&mut b, 4, 8);
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_INVALID_HEADER_FIELD, 4);
+    check("PLEN below HLEN");
+    // HLEN larger than any header (255).
+    let mut r = Raw::ic(port, Digests::default());
+    let mut b = capsule(&Sqe::default(), 0);
+    b[2] = 255;
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_INVALID_HEADER_FIELD, 2);
+    check("HLEN 255");
+    // Data that starts inside the header (PDO 8).
+    let mut r = Raw::ic(port, Digests::default());
+    let mut b = capsule(&write, 4096);
+    b[3] = 8;
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_INVALID_HEADER_FIELD, 3);
+    check("PDO inside the header");
+    // A header digest flag that was not negotiated.
+    let mut r = Raw::ic(port, Digests::default());
+    let mut b = capsule(&Sqe::default(), 0);
+    b[1] |= p::FLAG_HDGST;
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_INVALID_HEADER_FIELD, 1);
+    check("an unnegotiated digest flag");
+
+    // PDU types only a controller sends (CapsuleResp, C2HData, R2T), and a second ICReq.
+    for (pdu_type, hlen) in [
+        (p::PDU_CAPSULE_RESP, p::CAPSULE_RESP_HLEN),
+        (p::PDU_C2H_DATA, p::DATA_HLEN),
+        (p::PDU_R2T, p::R2T_HLEN),
+    ] {
+        let mut r = Raw::ic(port, Digests::default());
+        let mut b = vec![0u8; hlen];
+        b[0] = pdu_type;
+        b[2] = hlen as u8;
+        p::put32(&mut b, 4, hlen as u32);
+        r.s.write_all(&b).unwrap();
+        r.expect_term(p::FES_INVALID_HEADER_FIELD, 0);
+        check(&format!("a host PDU of type {pdu_type:#04x}"));
+    }
+    let mut r = Raw::ic(port, Digests::default());
+    let mut b = [0u8; 128];
+    p::encode_icreq(&mut b, 0, Digests::default(), 0);
+    r.s.write_all(&b).unwrap();
+    r.expect_term(p::FES_PDU_SEQUENCE_ERROR, 0);
+    check("a second ICReq");
+
+    // H2CData outside its R2T window, and for another command's tag.
+    let (_a, mut q, _) = controller(port, Digests::default());
+    let cid = q.send_capsule(
+        Sqe {
+            opcode: p::IO_WRITE,
+            nsid: 1,
+            cdw12: 1,
+            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
+            sgl_len: 8192,
+            ..Default::default()
+        },
+        &[],
+    );
+    let r2t = match q.recv().expect("R2T").pdu {
+        Pdu::R2T(r) => r,
+        other => panic!("expected R2T, got {other:?}"),
+    };
+    assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (cid, 0, 8192));
+    let mut b = [0u8; 24];
+    let data = p::DataHdr {
+        cccid: cid,
+        ttag: r2t.ttag,
+        datao: 4096,
+        datal: 8192,
+    };
+    let n = p::encode_data_hdr(&mut b, p::PDU_H2C_DATA, 0, &data, 0, Digests::default());
+    q.s.write_all(&b[..n]).unwrap();
+    q.s.write_all(&[0u8; 8192]).unwrap();
+    q.expect_term(p::FES_DATA_OUT_OF_RANGE, 12);
+    check("H2CData past its R2T");
+    let (_a, mut q, _) = controller(port, Digests::default());
+    let cid = q.send_capsule(
+        Sqe {
+            opcode: p::IO_WRITE,
+            nsid: 1,
+            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
+            sgl_len: 4096,
+            ..Default::default()
+        },
+        &[],
+    );
+    let Pdu::R2T(r2t) = q.recv().expect("R2T").pdu else {
+        panic!("expected R2T")
+    };
+    let data = p::DataHdr {
+        cccid: cid.wrapping_add(5),
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: 4096,
+    };
+    let n = p::encode_data_hdr(&mut b, p::PDU_H2C_DATA, 0, &data, 0, Digests::default());
+    q.s.write_all(&b[..n]).unwrap();
+    q.s.write_all(&[0u8; 4096]).unwrap();
+    q.expect_term(p::FES_INVALID_HEADER_FIELD, 8);
+    check("H2CData with another command's CCCID");
+
+    // Truncated PDUs, each followed by a hang-up: part of an ICReq, part of a CapsuleCmd
+    // header, a capsule without its in-capsule data, half an H2CData.
+    let mut r = Raw::tcp(port);
+    let mut b = [0u8; 128];
+    p::encode_icreq(&mut b, 0, Digests::default(), 0);
+    r.s.write_all(&b[..100]).unwrap();
+    drop(r);
+    let mut r = Raw::ic(port, Digests::default());
+    r.s.write_all(&capsule(&Sqe::default(), 0)[..40]).unwrap();
+    drop(r);
+    let mut r = Raw::ic(port, Digests::default());
+    r.s.write_all(&capsule(&write, 4096)).unwrap();
+    drop(r);
+    let (_a, mut q, _) = controller(port, Digests::default());
+    let cid = q.send_capsule(
+        Sqe {
+            opcode: p::IO_WRITE,
+            nsid: 1,
+            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
+            sgl_len: 4096,
+            ..Default::default()
+        },
+        &[],
+    );
+    let Pdu::R2T(r2t) = q.recv().expect("R2T").pdu else {
+        panic!("expected R2T")
+    };
+    let data = p::DataHdr {
+        cccid: cid,
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: 4096,
+    };
+    let n = p::encode_data_hdr(&mut b, p::PDU_H2C_DATA, 0, &data, 0, Digests::default());
+    q.s.write_all(&b[..n]).unwrap();
+    q.s.write_all(&[0u8; 2048]).unwrap();
+    drop(q);
+    check("truncated PDUs");
+
+    // Unknown and unsupported opcodes: an NVMe status, Do Not Retry, and the queue goes on.
+    let (mut admin, mut io, _) = controller(port, Digests::default());
+    for opcode in [0x03, 0x7e, 0x80, 0xff] {
+        let (c, _) = io.cmd(
+            Sqe {
+                opcode,
+                nsid: 1,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            sc(&c),
+            (p::SCT_GENERIC, p::SC_INVALID_OPCODE),
+            "I/O opcode {opcode:#x}"
+        );
+        assert_ne!(c.status & 0x8000, 0, "DNR on I/O opcode {opcode:#x}");
+    }
+    for opcode in [0x01, 0x0d, 0x7e, 0xc1, 0xff] {
+        let (c, _) = admin.cmd(
+            Sqe {
+                opcode,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            sc(&c),
+            (p::SCT_GENERIC, p::SC_INVALID_OPCODE),
+            "admin opcode {opcode:#x}"
+        );
+    }
+    // A Fabrics command of an unknown type, on the admin queue and on an I/O queue.
+    let fabrics = Sqe {
+        opcode: p::OPC_FABRICS,
+        nsid: 0x33,
+        ..Default::default()
+    };
+    let (c, _) = admin.cmd(fabrics, &[]);
+    assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_INVALID_OPCODE));
+    let (c, _) = io.cmd(fabrics, &[]);
+    assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_INVALID_FIELD));
+    // Transfers that do not fit their SGL: a read asking for in-capsule data, a write whose
+    // in-capsule data is shorter than its blocks, a transfer above MDTS.
+    let (c, _) = io.cmd(
+        Sqe {
+            opcode: p::IO_READ,
+            nsid: 1,
+            sgl_type: p::SGL_DATA_BLOCK_OFFSET,
+            sgl_len: 4096,
+            ..Default::default()
+        },
+        &[],
+    );
+    assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_SGL_TYPE_INVALID));
+    let short = Sqe { cdw12: 1, ..write };
+    let (c, _) = io.cmd(short, &[7u8; 4096]);
+    assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_SGL_LENGTH_INVALID));
+    let (c, _) = io.read(0, 65535);
+    assert_eq!(sc(&c), (p::SCT_GENERIC, p::SC_INVALID_FIELD), "above MDTS");
+    let (c, _) = io.read(9, 1);
+    assert_eq!(c.status, 0, "the queue still works after bad commands");
+    check("bad opcodes");
+    assert!(t.k.log_text().contains("NVMe/TCP connection terminated"));
+}
+
 #[test]
 fn discovery_keep_alive_and_rpc() {
     let t = start("nvmf-disc");

@@ -59,7 +59,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default resync pace.
 pub const DEFAULT_RESYNC_MIB_S: u64 = 256;
 
-const SB_MAGIC: u32 = 0x4b4d_5231; // "KMR1"
+/// Magic of the mirror superblock frame, "KMR1" (docs/FORMAT.md).
+pub const SB_MAGIC: u32 = 0x4b4d_5231;
 const SB_BYTES: usize = 4096;
 const SB_VERSION: u32 = 1;
 
@@ -222,10 +223,77 @@ fn read_sb(dev: &dyn BlockDevice) -> Result<Option<MirrorSb>, DeviceError> {
     }
     // SAFETY: the read completed; nothing else uses the buffer.
     let bytes = unsafe { buf.as_slice() };
-    Ok(crate::frame::decode::<MirrorSb>(SB_MAGIC, bytes)
+    Ok(decode_sb(bytes))
+}
+
+/// Decodes one leg's superblock; `None` when absent, torn or of another version.
+fn decode_sb(bytes: &[u8]) -> Option<MirrorSb> {
+    crate::frame::decode::<MirrorSb>(SB_MAGIC, bytes)
         .ok()
         .map(|(_, sb, _)| sb)
-        .filter(|sb| sb.version == SB_VERSION))
+        .filter(|sb| sb.version == SB_VERSION)
+}
+
+/// What a mirror opens with, decided from its legs' superblocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuperblockPlan {
+    pub uuid: u64,
+    /// The generation the mirror writes to both legs on open.
+    pub generation: u64,
+    /// Per leg: it must be resynced before it serves reads.
+    pub stale: [bool; 2],
+}
+
+/// Decides how mirror `name` opens from the raw superblock blocks of its two legs (what
+/// [`MirrorDevice::open`] reads): fresh legs, one leg formatted, or both. Errors: the legs
+/// belong to different mirrors, both are stale, or the generation cannot advance. The fuzz
+/// target `mirror_sb` feeds it arbitrary blocks.
+pub fn plan_from_superblocks(
+    name: &str,
+    copies: [&[u8]; 2],
+) -> Result<SuperblockPlan, DeviceError> {
+    plan_open(
+        name,
+        &[decode_sb(copies[0]), decode_sb(copies[1])],
+        random_u64,
+    )
+}
+
+fn plan_open(
+    name: &str,
+    sbs: &[Option<MirrorSb>; 2],
+    new_uuid: impl FnOnce() -> u64,
+) -> Result<SuperblockPlan, DeviceError> {
+    let (uuid, generation, stale) = match (&sbs[0], &sbs[1]) {
+        (None, None) => (new_uuid(), 0, [false, false]),
+        (Some(s), None) => (s.uuid, s.generation, [false, true]),
+        (None, Some(s)) => (s.uuid, s.generation, [true, false]),
+        (Some(x), Some(y)) => {
+            if x.uuid != y.uuid {
+                return Err(DeviceError::BadSpec(format!(
+                    "'{name}': the legs belong to different mirrors (uuid {:#x} vs {:#x})",
+                    x.uuid, y.uuid
+                )));
+            }
+            let best = if x.generation >= y.generation { x } else { y };
+            (best.uuid, best.generation, best.stale)
+        }
+    };
+    if stale == [true, true] {
+        return Err(DeviceError::BadSpec(format!(
+            "'{name}': the superblocks say both legs are stale; no copy can be trusted"
+        )));
+    }
+    let generation = generation.checked_add(1).ok_or_else(|| {
+        DeviceError::BadSpec(format!(
+            "'{name}': superblock generation {generation} cannot advance; the superblock is corrupt"
+        ))
+    })?;
+    Ok(SuperblockPlan {
+        uuid,
+        generation,
+        stale,
+    })
 }
 
 /// Writes `sb` (with `leg` set) to one leg, durably.
@@ -287,26 +355,11 @@ impl MirrorDevice {
     ) -> Result<MirrorDevice, DeviceError> {
         let info = geometry(&name, a.info(), b.info())?;
         let sbs = [read_sb(a.as_ref())?, read_sb(b.as_ref())?];
-        let (uuid, generation, stale) = match (&sbs[0], &sbs[1]) {
-            (None, None) => (random_u64(), 1, [false, false]),
-            (Some(s), None) => (s.uuid, s.generation + 1, [false, true]),
-            (None, Some(s)) => (s.uuid, s.generation + 1, [true, false]),
-            (Some(x), Some(y)) => {
-                if x.uuid != y.uuid {
-                    return Err(DeviceError::BadSpec(format!(
-                        "'{name}': the legs belong to different mirrors (uuid {:#x} vs {:#x})",
-                        x.uuid, y.uuid
-                    )));
-                }
-                let best = if x.generation >= y.generation { x } else { y };
-                (best.uuid, best.generation + 1, best.stale)
-            }
-        };
-        if stale == [true, true] {
-            return Err(DeviceError::BadSpec(format!(
-                "'{name}': the superblocks say both legs are stale; no copy can be trusted"
-            )));
-        }
+        let SuperblockPlan {
+            uuid,
+            generation,
+            stale,
+        } = plan_open(&name, &sbs, random_u64)?;
         let sb = MirrorSb {
             version: SB_VERSION,
             uuid,
@@ -1152,6 +1205,39 @@ mod tests {
 
     fn malloc(mib: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MallocDevice::new(format!("malloc:{mib}M"), mib << 20).unwrap())
+    }
+
+    /// A checksummed superblock at the last generation used to overflow `generation + 1`
+    /// (a panic with overflow checks, a wrap to 0 without, after which the other leg's older
+    /// copy would win). Now the open fails with a message.
+    #[test]
+    fn superblock_at_the_last_generation_is_refused() {
+        let block = |sb: &MirrorSb| {
+            let mut b = Vec::new();
+            crate::frame::encode(SB_MAGIC, sb.generation, sb, &mut b);
+            b.resize(SB_BYTES, 0);
+            b
+        };
+        let mut sb = MirrorSb {
+            version: SB_VERSION,
+            uuid: 7,
+            leg: 0,
+            generation: u64::MAX,
+            stale: [false, false],
+        };
+        let last = block(&sb);
+        let e = plan_from_superblocks("m", [&last, &[0; SB_BYTES]]).unwrap_err();
+        assert!(e.to_string().contains("cannot advance"), "{e}");
+        sb.generation = 41;
+        sb.stale = [false, true];
+        let older = block(&sb);
+        let plan = plan_from_superblocks("m", [&older, &[1; 8]]).unwrap();
+        assert_eq!(
+            (plan.uuid, plan.generation, plan.stale),
+            (7, 42, [false, true])
+        );
+        let fresh = plan_from_superblocks("m", [&[0; 16], &[]]).unwrap();
+        assert_eq!((fresh.generation, fresh.stale), (1, [false, false]));
     }
 
     fn faulty(inner: Arc<dyn BlockDevice>) -> Arc<ErrorDevice> {

@@ -10,6 +10,8 @@ pub struct TierAllocator {
     free: BTreeMap<u64, u64>,
     pub total_granules: u64,
     free_granules: u64,
+    /// One past the last granule it may hand out.
+    end_granule: u64,
 }
 
 impl TierAllocator {
@@ -23,7 +25,13 @@ impl TierAllocator {
             free,
             total_granules: count,
             free_granules: count,
+            end_granule: first + count,
         }
+    }
+
+    /// One past the last granule of the tier's address space (recovery checks runs against it).
+    pub fn end_granule(&self) -> u64 {
+        self.end_granule
     }
 
     pub fn free_granules(&self) -> u64 {
@@ -56,24 +64,25 @@ impl TierAllocator {
         Some(at)
     }
 
-    /// Marks `[start, start+count)` used (recovery). Panics if it is not free:
-    /// two map entries claiming the same space is a broken invariant.
-    pub fn reserve(&mut self, start: u64, count: u64) {
-        let (&s, &l) = self.free.range(..=start).next_back().unwrap_or_else(|| {
-            panic!("recovered map claims granules {start}+{count} that are not free on the tier")
-        });
-        assert!(
-            start + count <= s + l,
-            "recovered map claims granules {start}+{count} that are not free"
-        );
+    /// Marks `[start, start+count)` used (recovery). Fails if it is not free: two map
+    /// entries claiming the same space, or a claim past the tier, is corrupt metadata.
+    pub fn reserve(&mut self, start: u64, count: u64) -> Result<(), String> {
+        let not_free =
+            || format!("recovered map claims granules {start}+{count} that are not free");
+        let end = start.checked_add(count).ok_or_else(not_free)?;
+        let (&s, &l) = self.free.range(..=start).next_back().ok_or_else(not_free)?;
+        if end > s + l {
+            return Err(not_free());
+        }
         self.free.remove(&s);
         if start > s {
             self.free.insert(s, start - s);
         }
-        if start + count < s + l {
-            self.free.insert(start + count, s + l - start - count);
+        if end < s + l {
+            self.free.insert(end, s + l - end);
         }
         self.free_granules -= count;
+        Ok(())
     }
 
     /// Whether every granule of `[start, start+count)` is free.
@@ -125,7 +134,9 @@ mod tests {
         assert_eq!(a.used_granules(), 32);
         a.free(x, 16);
         assert_eq!(a.alloc(16, 16), Some(16));
-        a.reserve(64, 16);
+        a.reserve(64, 16).unwrap();
+        assert!(a.reserve(70, 1).is_err(), "reserved twice");
+        assert!(a.reserve(u64::MAX, 2).is_err(), "past the end");
         assert_eq!(a.alloc(16, 16), Some(48));
         assert_eq!(a.alloc(16, 16), None, "tier full is a normal answer");
         a.free(48, 16);

@@ -62,10 +62,10 @@ pub struct VolumeMoveState {
 
 /// The checkpoint when runtime tiers or moves exist (frame magic `KLNX`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct CheckpointExt {
-    volumes: Vec<VolumeImage>,
-    tiers: Vec<RuntimeTier>,
-    moves: Vec<VolumeMoveState>,
+pub struct CheckpointExt {
+    pub volumes: Vec<VolumeImage>,
+    pub tiers: Vec<RuntimeTier>,
+    pub moves: Vec<VolumeMoveState>,
 }
 
 /// A runtime tier with its opened device, handed to the server.
@@ -101,6 +101,12 @@ fn open_device(
         }
     }
     let dev = spec.open().map_err(|e| format!("{spec_text}: {e}"))?;
+    if dev.object_tier().is_some() {
+        // Its space is addressed by object generation, which only a configured tier has.
+        return Err(format!(
+            "{spec_text}: an object-storage device cannot be added as a runtime tier"
+        ));
+    }
     let info = dev.info();
     if !info.persistent {
         return Err(format!("{spec_text}: the device does not store data"));
@@ -119,6 +125,84 @@ fn open_device(
     Ok((dev, capacity - capacity % GRANULE_BYTES))
 }
 
+/// The checks a runtime tier read back must pass: the next index after `tiers` tiers, and
+/// room for at least one granule.
+pub(super) fn check_runtime_tier(tier: &RuntimeTier, tiers: usize) -> Result<(), String> {
+    if tier.index as usize != tiers {
+        return Err(format!(
+            "runtime tier '{}' has index {} but {tiers} tiers exist",
+            tier.name, tier.index
+        ));
+    }
+    if tier.capacity_bytes < GRANULE_BYTES {
+        return Err(format!(
+            "runtime tier '{}' has a capacity of {} bytes, less than a granule",
+            tier.name, tier.capacity_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `VolumeMoveStart` or `VolumeMoveDone` to `moves`, with `tiers` tiers existing.
+/// A replayed `VolumeMoveDone` without its start (checkpointed away) is no error.
+pub(super) fn apply_move(
+    moves: &mut Vec<VolumeMoveState>,
+    tiers: usize,
+    rec: &Record,
+    replay: bool,
+) -> Result<(), String> {
+    match rec {
+        Record::VolumeMoveStart {
+            volume,
+            to_tier,
+            params,
+        } => {
+            if *to_tier as usize >= tiers {
+                return Err(format!(
+                    "volume move names tier {to_tier}, which does not exist"
+                ));
+            }
+            moves.retain(|m| m.volume != *volume);
+            moves.push(VolumeMoveState {
+                volume: volume.clone(),
+                to_tier: *to_tier,
+                params: *params,
+                done: false,
+            });
+        }
+        Record::VolumeMoveDone { volume, to_tier } => {
+            match moves
+                .iter_mut()
+                .find(|m| m.volume == *volume && m.to_tier == *to_tier)
+            {
+                Some(m) => m.done = true,
+                None if replay => {}
+                None => return Err(format!("volume '{volume}' has no move to tier {to_tier}")),
+            }
+        }
+        _ => unreachable!("not a volume move record"),
+    }
+    Ok(())
+}
+
+/// Decodes the checkpoint frame in either form; the original `KLNC` one carries no runtime
+/// tier and no move. Pure: recovery checks and installs what it holds.
+pub(super) fn decode_checkpoint(raw: &[u8]) -> Result<(u64, CheckpointExt), String> {
+    if raw.len() >= 4 && raw[..4] == MAGIC_CHECKPOINT_EXT.to_le_bytes() {
+        let (seq, ext, _) =
+            frame::decode::<CheckpointExt>(MAGIC_CHECKPOINT_EXT, raw).map_err(|e| e.to_string())?;
+        return Ok((seq, ext));
+    }
+    let (seq, ckpt, _) =
+        frame::decode::<Checkpoint>(MAGIC_CHECKPOINT, raw).map_err(|e| e.to_string())?;
+    let ext = CheckpointExt {
+        volumes: ckpt.volumes,
+        tiers: Vec::new(),
+        moves: Vec::new(),
+    };
+    Ok((seq, ext))
+}
+
 impl MetaService {
     /// Installs a runtime tier: device, metadata channel, allocator, published state.
     fn install_tier(
@@ -126,14 +210,7 @@ impl MetaService {
         tier: RuntimeTier,
         device: Arc<dyn BlockDevice>,
     ) -> Result<RuntimeTierOpen, String> {
-        if tier.index as usize != self.tiers.len() {
-            return Err(format!(
-                "runtime tier '{}' has index {} but {} tiers exist",
-                tier.name,
-                tier.index,
-                self.tiers.len()
-            ));
-        }
+        check_runtime_tier(&tier, self.tiers.len())?;
         let chan = device
             .open_channel(&ChannelOptions {
                 queue_depth: 4,
@@ -148,8 +225,9 @@ impl MetaService {
             usage: usage.clone(),
         });
         self.chans.push(chan);
-        // Every per-tier table grows with the tier (free_space and place index `object`).
-        self.object.push(device.object_tier());
+        // Every per-tier table grows with the tier (free_space and place index `object`);
+        // `open_device` refuses object-storage devices.
+        self.object.push(None);
         self.allocators
             .push(TierAllocator::new(0, tier.capacity_bytes / GRANULE_BYTES));
         let open = RuntimeTierOpen {
@@ -234,62 +312,22 @@ impl MetaService {
         self.apply_runtime(&rec, false)
     }
 
-    /// Applies `AddTier`, `VolumeMoveStart` and `VolumeMoveDone` (live or at replay).
+    /// Applies `AddTier`, `VolumeMoveStart` and `VolumeMoveDone` live (recovery collects
+    /// them in `recover_region` and reopens the tiers with `reopen_tiers`).
     pub(super) fn apply_runtime(&mut self, rec: &Record, replay: bool) -> Result<(), String> {
         match rec {
-            Record::AddTier {
-                index,
-                name,
-                device,
-                capacity_bytes,
-            } => {
-                if !replay {
-                    // Live, `add_tier` installs the device it opened and validated.
-                    return Ok(());
-                }
-                let (dev, _) = open_device(device, *capacity_bytes, true)?;
-                self.install_tier(
-                    RuntimeTier {
-                        index: *index,
-                        name: name.clone(),
-                        device: device.clone(),
-                        capacity_bytes: *capacity_bytes,
-                    },
-                    dev,
-                )?;
-            }
-            Record::VolumeMoveStart {
-                volume,
-                to_tier,
-                params,
-            } => {
-                if *to_tier as usize >= self.tiers.len() {
-                    return Err(format!(
-                        "volume move names tier {to_tier}, which does not exist"
-                    ));
-                }
-                let moves = &mut self.state.moves;
-                moves.retain(|m| m.volume != *volume);
-                moves.push(VolumeMoveState {
-                    volume: volume.clone(),
-                    to_tier: *to_tier,
-                    params: *params,
-                    done: false,
-                });
-            }
-            Record::VolumeMoveDone { volume, to_tier } => {
-                match self
-                    .state
-                    .moves
-                    .iter_mut()
-                    .find(|m| m.volume == *volume && m.to_tier == *to_tier)
-                {
-                    Some(m) => m.done = true,
-                    None if replay => {}
-                    None => return Err(format!("volume '{volume}' has no move to tier {to_tier}")),
-                }
-            }
-            Record::Map { .. } | Record::Unmap { .. } => unreachable!("not a runtime record"),
+            // `add_tier` installs the device it opened and validated.
+            Record::AddTier { .. } => Ok(()),
+            _ => apply_move(&mut self.state.moves, self.tiers.len(), rec, replay),
+        }
+    }
+
+    /// Reopens the runtime tiers recovery found, in index order. A file that is gone is an
+    /// error, never silently re-created empty.
+    pub(super) fn reopen_tiers(&mut self, tiers: Vec<RuntimeTier>) -> Result<(), String> {
+        for t in tiers {
+            let (dev, _) = open_device(&t.device, t.capacity_bytes, true)?;
+            self.install_tier(t, dev)?;
         }
         Ok(())
     }
@@ -331,28 +369,6 @@ impl MetaService {
         crashpoint("volume_move.trim.after");
         tracing::info!(tier = %self.tiers[t].name, trimmed, "free space of the tier trimmed");
         Ok(trimmed)
-    }
-
-    /// Decodes the checkpoint frame in either form, installing runtime tiers and moves.
-    pub(super) fn decode_checkpoint(&mut self, raw: &[u8]) -> Result<(u64, Checkpoint), String> {
-        if raw.len() >= 4 && raw[..4] == MAGIC_CHECKPOINT_EXT.to_le_bytes() {
-            let (seq, ext, _) = frame::decode::<CheckpointExt>(MAGIC_CHECKPOINT_EXT, raw)
-                .map_err(|e| e.to_string())?;
-            for t in ext.tiers {
-                let (dev, _) = open_device(&t.device, t.capacity_bytes, true)?;
-                self.install_tier(t, dev)?;
-            }
-            self.state.moves = ext.moves;
-            return Ok((
-                seq,
-                Checkpoint {
-                    volumes: ext.volumes,
-                },
-            ));
-        }
-        let (seq, ckpt, _) =
-            frame::decode::<Checkpoint>(MAGIC_CHECKPOINT, raw).map_err(|e| e.to_string())?;
-        Ok((seq, ckpt))
     }
 
     /// Encodes the checkpoint: the original form unless runtime state exists.
