@@ -842,67 +842,87 @@ impl MetaService {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             };
-            let mut batch = vec![first];
-            while batch.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            let mut work = Vec::new();
-            for req in batch {
-                match req {
-                    MetaRequest::Checkpoint { reply } => {
-                        self.handle_batch(std::mem::take(&mut work));
-                        let _ = reply.send(self.write_checkpoint());
-                    }
-                    MetaRequest::Reserve {
-                        tier,
-                        granules,
-                        reply,
-                    } => {
-                        let r = self
-                            .allocators
-                            .get_mut(tier as usize)
-                            .and_then(|a| a.alloc(granules, 1))
-                            .ok_or_else(|| {
-                                format!("tier {tier} has no room for {granules} granules")
-                            });
-                        self.publish_usage();
-                        let _ = reply.send(r);
-                    }
-                    MetaRequest::Switch {
-                        volume,
-                        first_granule,
-                        count,
-                        from,
-                        to,
-                        reply,
-                    } => {
-                        self.handle_batch(std::mem::take(&mut work));
-                        let _ = reply.send(self.switch(volume, first_granule, count, from, to));
-                    }
-                    MetaRequest::Release {
-                        tier,
-                        phys_granule,
-                        count,
-                    } => {
-                        self.allocators[tier as usize].free(phys_granule, count);
-                        self.publish_usage();
-                    }
-                    MetaRequest::Shutdown { reply } => {
-                        self.handle_batch(std::mem::take(&mut work));
-                        let r = self.write_checkpoint();
-                        let _ = reply.send(r);
-                        return;
-                    }
-                    other => work.push(other),
-                }
-            }
-            if !work.is_empty() {
-                self.handle_batch(work);
+            if self.handle_requests(first, &rx) {
+                return;
             }
         }
+    }
+
+    /// Handles every request already queued, without blocking (the simulator
+    /// drives the service this way on its own thread). Returns whether any was
+    /// handled; after a `Shutdown` the service must not be used again.
+    pub fn serve_pending(&mut self, rx: &Receiver<MetaRequest>) -> bool {
+        match rx.try_recv() {
+            Ok(first) => {
+                self.handle_requests(first, rx);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Handles `first` and whatever else is queued, batching allocations into
+    /// one commit. Returns true after a shutdown.
+    fn handle_requests(&mut self, first: MetaRequest, rx: &Receiver<MetaRequest>) -> bool {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut work = Vec::new();
+        for req in batch {
+            match req {
+                MetaRequest::Checkpoint { reply } => {
+                    self.handle_batch(std::mem::take(&mut work));
+                    let _ = reply.send(self.write_checkpoint());
+                }
+                MetaRequest::Reserve {
+                    tier,
+                    granules,
+                    reply,
+                } => {
+                    let r = self
+                        .allocators
+                        .get_mut(tier as usize)
+                        .and_then(|a| a.alloc(granules, 1))
+                        .ok_or_else(|| format!("tier {tier} has no room for {granules} granules"));
+                    self.publish_usage();
+                    let _ = reply.send(r);
+                }
+                MetaRequest::Switch {
+                    volume,
+                    first_granule,
+                    count,
+                    from,
+                    to,
+                    reply,
+                } => {
+                    self.handle_batch(std::mem::take(&mut work));
+                    let _ = reply.send(self.switch(volume, first_granule, count, from, to));
+                }
+                MetaRequest::Release {
+                    tier,
+                    phys_granule,
+                    count,
+                } => {
+                    self.allocators[tier as usize].free(phys_granule, count);
+                    self.publish_usage();
+                }
+                MetaRequest::Shutdown { reply } => {
+                    self.handle_batch(std::mem::take(&mut work));
+                    let r = self.write_checkpoint();
+                    let _ = reply.send(r);
+                    return true;
+                }
+                other => work.push(other),
+            }
+        }
+        if !work.is_empty() {
+            self.handle_batch(work);
+        }
+        false
     }
 }
 
