@@ -412,6 +412,21 @@ impl Migrator {
         }
     }
 
+    /// Flushes one tier's volatile write cache through the migrator's channel.
+    fn flush_tier(&mut self, tier: u8) -> Result<(), String> {
+        let req = IoRequest::flush(u64::MAX);
+        // SAFETY: a flush carries no buffer; no other copy I/O is in flight here.
+        let rc = unsafe { crate::bdev::submit_and_wait(self.chans[tier as usize].as_mut(), &req) };
+        if rc < 0 {
+            return Err(format!(
+                "flush of tier '{}' before the switch failed: {}",
+                self.tiers[tier as usize].name,
+                std::io::Error::from_raw_os_error(-rc)
+            ));
+        }
+        Ok(())
+    }
+
     fn meta_call<T>(
         &self,
         build: impl FnOnce(Sender<Result<T, String>>) -> MetaRequest,
@@ -640,6 +655,10 @@ impl Migrator {
             }
             u += n;
         }
+        // The copy must be durable before the switch record is: on a device with
+        // a volatile write cache a crash could otherwise keep the record and lose
+        // the data it points at (found by `kiln sim`, e.g. seed 15).
+        self.flush_tier(to.tier)?;
         self.meta_call(|reply| MetaRequest::Switch {
             volume,
             first_granule: first,

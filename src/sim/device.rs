@@ -148,7 +148,12 @@ impl World {
     }
 
     /// Adds a device of `size_bytes`; `write_cache` gives it a volatile cache.
-    pub fn add_device(self: &Arc<World>, name: &str, size_bytes: u64, write_cache: bool) -> Arc<SimDevice> {
+    pub fn add_device(
+        self: &Arc<World>,
+        name: &str,
+        size_bytes: u64,
+        write_cache: bool,
+    ) -> Arc<SimDevice> {
         let mut s = self.lock();
         s.images.push(Image::default());
         s.caches.push(write_cache);
@@ -239,7 +244,10 @@ fn crash_locked(s: &mut State) {
     // (They stay queued and complete with EIO when their channel polls.)
     for k in 0..s.pending.len() {
         let p = &s.pending[k];
-        if !matches!(p.req.kind, IoKind::Write | IoKind::WriteZeroes | IoKind::Trim) {
+        if !matches!(
+            p.req.kind,
+            IoKind::Write | IoKind::WriteZeroes | IoKind::Trim
+        ) {
             continue;
         }
         let (device, kind, data) = (p.device, p.req.kind, p.data.clone());
@@ -301,7 +309,10 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
     let sectors = req.len_bytes as u64 / SECTOR;
     match req.kind {
         IoKind::Read => {
-            if { let r = s.faults.read_eio; s.rng.chance(r) } {
+            if {
+                let r = s.faults.read_eio;
+                s.rng.chance(r)
+            } {
                 s.injected += 1;
                 return -libc::EIO;
             }
@@ -331,7 +342,10 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
             s.images[d].durable.extend(vol);
         }
         IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
-            if { let r = s.faults.write_eio; s.rng.chance(r) } {
+            if {
+                let r = s.faults.write_eio;
+                s.rng.chance(r)
+            } {
                 s.injected += 1;
                 return -libc::EIO;
             }
@@ -340,7 +354,10 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
                 && req.kind == IoKind::Write
                 && req.offset_bytes >= LOG_OFFSET
                 && req.offset_bytes + req.len_bytes as u64 + 64 * SECTOR <= META_BYTES
-                && { let r = s.faults.misdirect; s.rng.chance(r) }
+                && {
+                    let r = s.faults.misdirect;
+                    s.rng.chance(r)
+                }
             {
                 s.injected += 1;
                 target = first + 1 + s.rng.below(63);
@@ -416,7 +433,10 @@ impl IoChannel for SimChannel {
         self.info.check(req)?;
         let mut s = self.world.lock();
         let tick = s.ticks[&self.id];
-        let delay = if { let r = s.faults.latency_spike; s.rng.chance(r) } {
+        let delay = if {
+            let r = s.faults.latency_spike;
+            s.rng.chance(r)
+        } {
             20 + s.rng.below(60)
         } else {
             s.rng.below(3)

@@ -241,10 +241,26 @@ impl MetaService {
         if len as usize > self.buf.len() {
             self.buf = AlignedBuf::zeroed(len as usize);
         }
-        let b = self.buf.as_mut_slice();
-        b[..bytes.len()].copy_from_slice(bytes);
-        b[bytes.len()..len as usize].fill(0);
-        self.sync(0, IoKind::Write, offset, len, true)
+        // Read every metadata write back: a misdirected write reports success
+        // while the block it was meant for keeps its old contents, which would
+        // silently drop an acknowledged commit (found by `kiln sim`, seed 44).
+        // One rewrite is tried before the write is reported as failed.
+        for attempt in 0..2 {
+            let b = self.buf.as_mut_slice();
+            b[..bytes.len()].copy_from_slice(bytes);
+            b[bytes.len()..len as usize].fill(0);
+            let crc = crc32c::crc32c(&b[..len as usize]);
+            self.sync(0, IoKind::Write, offset, len, true)?;
+            self.sync(0, IoKind::Read, offset, len, false)?;
+            if crc32c::crc32c(&self.buf.as_slice()[..len as usize]) == crc {
+                return Ok(());
+            }
+            tracing::warn!(offset, attempt, "metadata write did not read back intact");
+        }
+        Err(format!(
+            "metadata write of {len} bytes at {offset} on tier '{}' does not read back intact",
+            self.tiers[0].name
+        ))
     }
 
     fn read_region(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
@@ -756,6 +772,18 @@ impl MetaService {
             ) {
                 result = Err(e);
                 break;
+            }
+        }
+        // ... durably: the map record is FUA, and on a device with a volatile
+        // write cache the zeros could otherwise be lost at a crash while the
+        // record survives, exposing the space's previous contents (found by
+        // `kiln sim`, e.g. seed 1).
+        let mut zeroed: Vec<u8> = new_space.iter().map(|&(t, _, _)| t).collect();
+        zeroed.sort_unstable();
+        zeroed.dedup();
+        for tier in zeroed {
+            if result.is_ok() {
+                result = self.sync(tier as usize, IoKind::Flush, 0, 0, false);
             }
         }
         if result.is_ok() {
