@@ -1042,12 +1042,34 @@ impl MetaService {
 
     /// Runs the service on the current thread until shutdown.
     pub fn run(mut self, rx: Receiver<MetaRequest>) {
+        self.serve(&rx, false);
+    }
+
+    /// Handles every request already queued, without blocking (the simulator drives the
+    /// service this way from its own loop). Returns whether any was handled; after a
+    /// `Shutdown` the service must not be used again.
+    pub fn serve_pending(&mut self, rx: &Receiver<MetaRequest>) -> bool {
+        self.serve(rx, true)
+    }
+
+    /// The service loop: batches whatever is queued into one commit. `pending_only` returns
+    /// once the queue is empty instead of waiting. Returns whether any request was handled.
+    fn serve(&mut self, rx: &Receiver<MetaRequest>, pending_only: bool) -> bool {
+        let mut served = false;
         loop {
-            let first = match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(r) => r,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            let first = if pending_only {
+                match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return served,
+                }
+            } else {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(r) => r,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return served,
+                }
             };
+            served = true;
             let mut batch = vec![first];
             while batch.len() < 1024 {
                 match rx.try_recv() {
@@ -1128,7 +1150,7 @@ impl MetaService {
                         self.handle_batch(std::mem::take(&mut work));
                         let r = self.write_checkpoint();
                         let _ = reply.send(r);
-                        return;
+                        return true;
                     }
                     MetaRequest::AddTier {
                         name,
