@@ -326,6 +326,27 @@ impl MetaService {
         Ok(self.buf.as_slice()[..len as usize].to_vec())
     }
 
+    /// The log bytes `[pos, pos + need)` (cut at the log's end) for replay, read through
+    /// `window` (its log offset and bytes) in pieces of at least 1 MiB, so a start reads only
+    /// as much of the log as it replays instead of all 31 MiB.
+    fn log_slice<'w>(
+        &mut self,
+        window: &'w mut (u64, Vec<u8>),
+        pos: u64,
+        need: u64,
+    ) -> Result<&'w [u8], String> {
+        let end = pos.saturating_add(need).min(LOG_BYTES);
+        if pos < window.0 || end > window.0 + window.1.len() as u64 {
+            let start = pos - pos % BLOCK_BYTES;
+            let len = (end - start)
+                .next_multiple_of(BLOCK_BYTES)
+                .max(1 << 20)
+                .min(LOG_BYTES - start);
+            *window = (start, self.read_region(LOG_OFFSET + start, len)?);
+        }
+        Ok(&window.1[(pos - window.0) as usize..(end - window.0) as usize])
+    }
+
     /// Opens the journal on `tiers[0]`, formatting blank media, and recovers
     /// every volume's map: checkpoint, then log replay up to the torn tail.
     pub fn open(tiers: Vec<MetaTier>, volumes: Vec<Arc<Volume>>) -> Result<MetaService, String> {
@@ -530,10 +551,10 @@ impl MetaService {
         let mut expected = sb.checkpoint_seq + 1;
         let mut pos = 0u64;
         let mut replayed = 0u64;
-        let log = self.read_region(LOG_OFFSET, LOG_BYTES)?;
-        'scan: while pos + frame::FRAME_HEADER_BYTES as u64 <= LOG_BYTES {
-            let at = &log[pos as usize..];
-            if at[..4] == [0, 0, 0, 0] {
+        let hdr = frame::FRAME_HEADER_BYTES as u64;
+        let mut window = (0u64, Vec::new());
+        'scan: while pos + hdr <= LOG_BYTES {
+            if self.log_slice(&mut window, pos, hdr)?[..4] == [0, 0, 0, 0] {
                 // Padding to the end of a commit; the next commit starts on a block boundary.
                 let next = (pos + 1).next_multiple_of(BLOCK_BYTES);
                 if pos % BLOCK_BYTES == 0 || next >= LOG_BYTES {
@@ -542,6 +563,11 @@ impl MetaService {
                 pos = next;
                 continue;
             }
+            let head = self.log_slice(&mut window, pos, hdr)?;
+            // A foreign or garbage length fails the decode below; never read more for it.
+            let len = u64::from(u32::from_le_bytes(head[4..8].try_into().unwrap()))
+                .min(frame::FRAME_PAYLOAD_BYTES_MAX as u64);
+            let at = self.log_slice(&mut window, pos, hdr + len)?;
             match frame::decode::<Record>(MAGIC_RECORD, at) {
                 Ok((seq, rec, used)) if seq == expected => {
                     self.apply(&rec, true)
