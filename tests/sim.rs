@@ -102,7 +102,7 @@ fn regression_seeds() {
 #[test]
 fn crash_at_every_durable_step() {
     let base = SimOptions {
-        seed: 7,
+        seed: 1,
         steps: 60,
         faults: false,
         misdirect: false,
@@ -120,6 +120,7 @@ fn crash_at_every_durable_step() {
         ("zeroing new space", "workload"),
         ("flush", "workload"),
         ("data write", "workload"),
+        ("trim", "workload"),
         ("checkpoint slot 0", "checkpoint"),
         ("checkpoint slot 1", "checkpoint"),
         ("superblock copy A", "checkpoint"),
@@ -153,16 +154,18 @@ fn crash_at_every_durable_step() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// OPEN BUG: with misdirected journal writes among the faults these seeds
-/// still lose an acknowledged write (the granule is unmapped after recovery).
-/// Run with `cargo test --release --test sim -- --ignored`.
+/// OPEN: with misdirected journal writes among the faults these seeds lose an acknowledged
+/// write (its Map commit was misdirected, so after recovery the granule is unmapped). The
+/// same seeds pass without `--misdirect`. Recovery cannot tell such a hole from the end of
+/// the log (docs/FORMAT.md, "Media assumptions"); surviving it needs a read-back of each
+/// commit or a second copy. Run with `cargo test --release --test sim -- --ignored`.
 #[test]
 #[ignore]
-fn open_bug_misdirected_journal_writes() {
-    let opts = [36, 261]
+fn open_misdirected_journal_writes() {
+    let opts = [34, 208]
         .map(|seed| SimOptions {
             seed,
-            steps: 40,
+            steps: 30,
             faults: true,
             misdirect: true,
             crash: None,

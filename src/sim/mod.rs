@@ -129,9 +129,10 @@ fn version_of(buf: &[u8], block: u64) -> Option<u64> {
     if w0 >> 40 != block || version == 0 {
         return None;
     }
-    let intact = buf.chunks_exact(8).enumerate().all(|(i, w)| {
-        u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(block, version, i)
-    });
+    let intact = buf
+        .chunks_exact(8)
+        .enumerate()
+        .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(block, version, i));
     intact.then_some(version)
 }
 
