@@ -35,7 +35,7 @@ impl Rng {
         Rng((z ^ (z >> 31)) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -46,7 +46,7 @@ impl Rng {
 
     /// Uniform in `[0, n)`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     /// True with probability `per_million` / 1,000,000.
@@ -309,10 +309,8 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
     let sectors = req.len_bytes as u64 / SECTOR;
     match req.kind {
         IoKind::Read => {
-            if {
-                let r = s.faults.read_eio;
-                s.rng.chance(r)
-            } {
+            let r = s.faults.read_eio;
+            if s.rng.chance(r) {
                 s.injected += 1;
                 return -libc::EIO;
             }
@@ -342,10 +340,8 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
             s.images[d].durable.extend(vol);
         }
         IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
-            if {
-                let r = s.faults.write_eio;
-                s.rng.chance(r)
-            } {
+            let r = s.faults.write_eio;
+            if s.rng.chance(r) {
                 s.injected += 1;
                 return -libc::EIO;
             }
@@ -433,10 +429,8 @@ impl IoChannel for SimChannel {
         self.info.check(req)?;
         let mut s = self.world.lock();
         let tick = s.ticks[&self.id];
-        let delay = if {
-            let r = s.faults.latency_spike;
-            s.rng.chance(r)
-        } {
+        let r = s.faults.latency_spike;
+        let delay = if s.rng.chance(r) {
             20 + s.rng.below(60)
         } else {
             s.rng.below(3)
