@@ -27,6 +27,8 @@ pub enum Command {
     Heatmap(crate::heatmap::HeatmapArgs),
     /// Run the shared block-device test bodies on a device (overwrites its data).
     DeviceTest(crate::bdev::tests::DeviceTestArgs),
+    /// Seeded simulation: the real engine on simulated faulty devices, with crashes.
+    Sim(crate::sim::SimArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,12 +93,17 @@ fn init_tracing() {
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_tracing();
+    // The simulator injects faults on purpose: the engine's logs of them are noise
+    // unless asked for.
+    if !matches!(cli.command, Command::Sim(_)) || std::env::var_os("KILN_LOG").is_some() {
+        init_tracing();
+    }
     match cli.command {
         Command::Serve(args) => crate::server::serve(&args),
         Command::Rpc(args) => run_rpc(&args),
         Command::DeviceTest(args) => crate::bdev::tests::run_device_test(&args),
         Command::Migrate(args) => crate::migrate::volume_move_cli::run(&args),
+        Command::Sim(args) => crate::sim::main(&args),
         Command::ProbeIdle(args) => match crate::bench::idle_probe(&args) {
             Ok(v) => {
                 println!("{v}");

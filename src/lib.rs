@@ -23,6 +23,7 @@ pub mod reactor;
 pub mod replay;
 pub mod rpc;
 pub mod server;
+pub mod sim;
 pub mod target;
 pub mod units;
 pub mod volume;

@@ -926,12 +926,34 @@ impl MetaService {
 
     /// Runs the service on the current thread until shutdown.
     pub fn run(mut self, rx: Receiver<MetaRequest>) {
+        self.serve(&rx, false);
+    }
+
+    /// Handles every request already queued, without blocking (the simulator drives the
+    /// service this way from its own loop). Returns whether any was handled; after a
+    /// `Shutdown` the service must not be used again.
+    pub fn serve_pending(&mut self, rx: &Receiver<MetaRequest>) -> bool {
+        self.serve(rx, true)
+    }
+
+    /// The service loop: batches whatever is queued into one commit. `pending_only` returns
+    /// once the queue is empty instead of waiting. Returns whether any request was handled.
+    fn serve(&mut self, rx: &Receiver<MetaRequest>, pending_only: bool) -> bool {
+        let mut served = false;
         loop {
-            let first = match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(r) => r,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            let first = if pending_only {
+                match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return served,
+                }
+            } else {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(r) => r,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return served,
+                }
             };
+            served = true;
             let mut batch = vec![first];
             while batch.len() < 1024 {
                 match rx.try_recv() {
@@ -1013,7 +1035,7 @@ impl MetaService {
                         self.handle_batch(std::mem::take(&mut work));
                         let r = self.write_checkpoint();
                         let _ = reply.send(r);
-                        return;
+                        return true;
                     }
                     MetaRequest::AddTier {
                         name,
@@ -1169,7 +1191,7 @@ pub fn recover_region(
         }
     }
     // Log replay.
-    let log = read(LOG_OFFSET, LOG_BYTES)?;
+    let log = read_log_prefix(read, sb.checkpoint_seq + 1)?;
     let mut runtime_tiers = runtime_tiers;
     let end = scan_log(&log, sb.checkpoint_seq + 1, |seq, rec| {
         match rec {
@@ -1323,6 +1345,27 @@ pub struct LogEnd {
 /// Replays the log's records from sequence `first_seq` through `apply`, in order, until the
 /// first torn, invalid or older frame or the zero block after the last commit. Bytes past the
 /// end of `log` read as zeros. An error from `apply` stops the scan and is returned.
+/// Largest log commit (the metadata service's commit buffer), plus a block of slack.
+const COMMIT_BYTES_MAX: u64 = (1 << 20) + BLOCK_BYTES;
+
+/// Reads as much of the log as replay needs instead of all of it: a 1 MiB prefix, grown
+/// 4x while the valid records might run past it (the scan stopped within one commit of
+/// the prefix's end). A start then reads what it replays, not 31 MiB.
+fn read_log_prefix(read: &mut ReadRegion<'_>, first_seq: u64) -> Result<Vec<u8>, String> {
+    let mut len = (1u64 << 20).min(LOG_BYTES);
+    loop {
+        let log = read(LOG_OFFSET, len)?;
+        if len == LOG_BYTES {
+            return Ok(log);
+        }
+        let end = scan_log(&log, first_seq, |_, _| Ok(()))?;
+        if end.pos + COMMIT_BYTES_MAX <= len {
+            return Ok(log);
+        }
+        len = (len * 4).min(LOG_BYTES);
+    }
+}
+
 pub fn scan_log(
     log: &[u8],
     first_seq: u64,
