@@ -65,7 +65,7 @@ for name, kc, ki, pc, pi in rows:
 out += ["", f"- null p99: kiln {p99(kn):.2f} us. SPDK bdevperf reference on this machine kind: 10.06 M IOPS per core.",
         f"- file CPU per I/O: kiln {k_cpu_per_io:,.0f} ns, fio {f_cpu_per_io:,.0f} ns (ratio {k_cpu_per_io/f_cpu_per_io:.2f}). p99: kiln {p99(kf):.0f} us, fio {p99(ff):.0f} us.",
         f"- verify (malloc, 2 s): {iops(kv):,.0f} IOPS, mismatches {kv['jobs'][0]['verify_mismatches']}.",
-        f"- idle adaptive reactor over {idle['idle_seconds']} s: {idle['idle_cpu_fraction']*100:.2f}% of a core; first I/O after idle {idle['first_io_after_idle_us_median']:.1f} us vs warm {idle['warm_io_us_median']:.1f} us (penalty {idle['wake_penalty_us']:.1f} us, median of 50) — \`kiln probe-idle --seconds 10 --rounds 50\`.",
+        f"- idle adaptive reactor over {idle['idle_seconds']} s: {idle['idle_cpu_fraction']*100:.2f}% of a core; first I/O after idle {idle['first_io_after_idle_us_median']:.1f} us vs warm {idle['warm_io_us_median']:.1f} us (penalty {idle['wake_penalty_us']:.1f} us, median of 50) — \`kiln probe-idle --seconds 10 --rounds 50\`. Platform floor, a bare thread pinned to the same core woken from \`epoll_wait\` by an eventfd after the same 20 ms idle: {idle['floor_after_idle_us_median']:.1f} us vs {idle['floor_warm_us_median']:.1f} us spinning (penalty {idle['floor_wake_penalty_us']:.1f} us).",
         ""]
 text = "\n".join(out)
 path = "bench/RESULTS.md"

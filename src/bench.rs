@@ -938,11 +938,103 @@ pub fn idle_probe(args: &IdleProbeArgs) -> Result<serde_json::Value, String> {
         v[v.len() / 2]
     };
     let (w, c) = (median(&mut warm), median(&mut cold));
+    let (mut fw, mut fc) = wake_floor(args.core, args.rounds)?;
+    let (fw, fc) = (median(&mut fw), median(&mut fc));
     Ok(json!({
         "idle_seconds": args.seconds,
         "idle_cpu_fraction": idle_cpu,
         "warm_io_us_median": w as f64 / 1000.0,
         "first_io_after_idle_us_median": c as f64 / 1000.0,
         "wake_penalty_us": (c as f64 - w as f64) / 1000.0,
+        "floor_warm_us_median": fw as f64 / 1000.0,
+        "floor_after_idle_us_median": fc as f64 / 1000.0,
+        "floor_wake_penalty_us": (fc as f64 - fw as f64) / 1000.0,
     }))
+}
+
+/// The platform's own wake-up cost, without kiln: a bare thread pinned to `core`
+/// answers pings, spinning (warm) or blocked in `epoll_wait` on an eventfd after the
+/// same 20 ms of idleness as the reactor probe (cold). Returns (warm, cold) round
+/// trips in ns. The reactor's penalty can only be compared with this floor.
+fn wake_floor(core: usize, rounds: usize) -> Result<(Vec<u64>, Vec<u64>), String> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    // SAFETY: plain syscall with constant flags; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    let pings = Arc::new(AtomicU64::new(0));
+    let pongs = Arc::new(AtomicU64::new(0));
+    let spin = Arc::new(AtomicBool::new(true));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pi, po, sp, st) = (pings.clone(), pongs.clone(), spin.clone(), stop.clone());
+    let t = std::thread::spawn(move || {
+        core_affinity::set_for_current(core_affinity::CoreId { id: core });
+        // SAFETY: plain syscalls on our own fds; results are checked or harmless.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: `ev` is a valid event for the eventfd we own.
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, efd, &mut ev) };
+        let mut seen = 0u64;
+        while !st.load(Ordering::Relaxed) {
+            let p = pi.load(Ordering::Acquire);
+            if p != seen {
+                seen = p;
+                po.store(p, Ordering::Release);
+                continue;
+            }
+            if sp.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut out = [libc::epoll_event { events: 0, u64: 0 }; 1];
+            // SAFETY: `out` has room for the one event we ask for.
+            let n = unsafe { libc::epoll_wait(ep, out.as_mut_ptr(), 1, 100) };
+            if n > 0 {
+                let mut b = 0u64;
+                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+                unsafe { libc::read(efd, &mut b as *mut u64 as *mut libc::c_void, 8) };
+            }
+        }
+        // SAFETY: we own the epoll fd.
+        unsafe { libc::close(ep) };
+    });
+    let ping = |n: u64, wake: bool| {
+        let t0 = std::time::Instant::now();
+        pings.store(n, Ordering::Release);
+        if wake {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(efd, &one as *const u64 as *const libc::c_void, 8) };
+        }
+        while pongs.load(Ordering::Acquire) != n {
+            std::hint::spin_loop();
+        }
+        t0.elapsed().as_nanos() as u64
+    };
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    let mut n = 0u64;
+    for _ in 0..rounds {
+        // Warm: the thread spins.
+        spin.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1));
+        for _ in 0..5 {
+            n += 1;
+            warm.push(ping(n, false));
+        }
+        // Cold: the thread blocks, the core idles 20 ms, then one eventfd wake.
+        spin.store(false, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        n += 1;
+        cold.push(ping(n, true));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = t.join();
+    // SAFETY: the thread that used the eventfd has exited.
+    unsafe { libc::close(efd) };
+    Ok((warm, cold))
 }
