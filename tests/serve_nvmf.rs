@@ -308,6 +308,30 @@ impl Raw {
         )
     }
 
+    /// Sends a Write of `blocks` 4 KiB blocks at `slba` whose data comes by R2T (transport
+    /// SGL) and returns its CID and the R2T, checked to ask for all of it at offset 0.
+    fn write_by_r2t(&mut self, slba: u64, blocks: u32) -> (u16, p::R2t) {
+        let cid = self.send_capsule(
+            Sqe {
+                opcode: p::IO_WRITE,
+                nsid: 1,
+                cdw10: slba as u32,
+                cdw11: (slba >> 32) as u32,
+                cdw12: blocks - 1,
+                sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
+                sgl_len: blocks * 4096,
+                ..Default::default()
+            },
+            &[],
+        );
+        let r2t = match self.recv().expect("R2T").pdu {
+            Pdu::R2T(r) => r,
+            other => panic!("expected R2T, got {other:?}"),
+        };
+        assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (cid, 0, blocks * 4096));
+        (cid, r2t)
+    }
+
     fn write(&mut self, slba: u64, data: &[u8]) -> Cqe {
         let nlb = data.len() as u32 / 4096;
         self.cmd(
@@ -675,23 +699,7 @@ fn raw_client_protocol_behaviour_and_bad_input() {
     // A large write through R2T + H2CData by hand (transport SGL), then read back.
     let (_a3, mut q, _) = controller(port, Digests::default());
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-    let cid = q.send_capsule(
-        Sqe {
-            opcode: p::IO_WRITE,
-            nsid: 1,
-            cdw10: 1000,
-            cdw12: 15,
-            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
-            sgl_len: 65536,
-            ..Default::default()
-        },
-        &[],
-    );
-    let r2t = match q.recv().unwrap().pdu {
-        Pdu::R2T(r) => r,
-        other => panic!("expected R2T, got {other:?}"),
-    };
-    assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (cid, 0, 65536));
+    let (cid, r2t) = q.write_by_r2t(1000, 16);
     for (i, chunk) in data.chunks(16384).enumerate() {
         let mut b = [0u8; 24];
         let last = if i == 3 { p::FLAG_DATA_LAST } else { 0 };
@@ -824,22 +832,7 @@ fn bad_pdus_and_opcodes_leave_other_connections_working() {
 
     // H2CData outside its R2T window, and for another command's tag.
     let (_a, mut q, _) = controller(port, Digests::default());
-    let cid = q.send_capsule(
-        Sqe {
-            opcode: p::IO_WRITE,
-            nsid: 1,
-            cdw12: 1,
-            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
-            sgl_len: 8192,
-            ..Default::default()
-        },
-        &[],
-    );
-    let r2t = match q.recv().expect("R2T").pdu {
-        Pdu::R2T(r) => r,
-        other => panic!("expected R2T, got {other:?}"),
-    };
-    assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (cid, 0, 8192));
+    let (cid, r2t) = q.write_by_r2t(0, 2);
     let mut b = [0u8; 24];
     let data = p::DataHdr {
         cccid: cid,
@@ -853,19 +846,7 @@ fn bad_pdus_and_opcodes_leave_other_connections_working() {
     q.expect_term(p::FES_DATA_OUT_OF_RANGE, 12);
     check("H2CData past its R2T");
     let (_a, mut q, _) = controller(port, Digests::default());
-    let cid = q.send_capsule(
-        Sqe {
-            opcode: p::IO_WRITE,
-            nsid: 1,
-            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
-            sgl_len: 4096,
-            ..Default::default()
-        },
-        &[],
-    );
-    let Pdu::R2T(r2t) = q.recv().expect("R2T").pdu else {
-        panic!("expected R2T")
-    };
+    let (cid, r2t) = q.write_by_r2t(0, 1);
     let data = p::DataHdr {
         cccid: cid.wrapping_add(5),
         ttag: r2t.ttag,
@@ -892,19 +873,7 @@ fn bad_pdus_and_opcodes_leave_other_connections_working() {
     r.s.write_all(&capsule(&write, 4096)).unwrap();
     drop(r);
     let (_a, mut q, _) = controller(port, Digests::default());
-    let cid = q.send_capsule(
-        Sqe {
-            opcode: p::IO_WRITE,
-            nsid: 1,
-            sgl_type: p::SGL_TRANSPORT_DATA_BLOCK,
-            sgl_len: 4096,
-            ..Default::default()
-        },
-        &[],
-    );
-    let Pdu::R2T(r2t) = q.recv().expect("R2T").pdu else {
-        panic!("expected R2T")
-    };
+    let (cid, r2t) = q.write_by_r2t(0, 1);
     let data = p::DataHdr {
         cccid: cid,
         ttag: r2t.ttag,
