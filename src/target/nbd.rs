@@ -814,21 +814,34 @@ impl Poller for NbdPoller {
             }
         }
         busy |= self.io.poll();
-        if let Some(done) = &self.draining {
-            if self.io.inflight() == 0 && self.conns.iter().all(|c| c.is_none()) {
-                let _ = done.send(ctx.reactor_id);
-                self.draining = None;
-                return PollStatus::Done;
-            }
-        }
-        if busy {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        let closed = self.conns.iter().all(|c| c.is_none());
+        poll_end(&mut self.draining, &self.io, closed, ctx.reactor_id, busy)
     }
 
     fn next_deadline_ns(&self) -> Option<u64> {
         self.io.next_deadline_ns()
+    }
+}
+
+/// The end of a target poller's poll: once draining, with no volume I/O in flight and every
+/// connection closed (`closed`), report this reactor done; otherwise busy or idle.
+pub(crate) fn poll_end(
+    draining: &mut Option<crossbeam_channel::Sender<usize>>,
+    io: &VolumeIo,
+    closed: bool,
+    reactor_id: usize,
+    busy: bool,
+) -> PollStatus {
+    if let Some(done) = draining {
+        if io.inflight() == 0 && closed {
+            let _ = done.send(reactor_id);
+            *draining = None;
+            return PollStatus::Done;
+        }
+    }
+    if busy {
+        PollStatus::Busy
+    } else {
+        PollStatus::Idle
     }
 }

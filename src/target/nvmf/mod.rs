@@ -1373,18 +1373,8 @@ impl Poller for NvmfPoller {
             }
         }
         busy |= self.io.poll();
-        if let Some(done) = &self.draining {
-            if self.io.inflight() == 0 && self.conns.iter().all(|c| c.is_none()) {
-                let _ = done.send(ctx.reactor_id);
-                self.draining = None;
-                return PollStatus::Done;
-            }
-        }
-        if busy {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        let closed = self.conns.iter().all(|c| c.is_none());
+        super::nbd::poll_end(&mut self.draining, &self.io, closed, ctx.reactor_id, busy)
     }
 
     fn next_deadline_ns(&self) -> Option<u64> {
