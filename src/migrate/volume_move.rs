@@ -45,6 +45,9 @@ use crate::volume::journal::{MetaRequest, MoveParams};
 
 /// How often the heat is folded and the rate adapted.
 pub const FOLD_MS: u64 = 250;
+/// Most runs of a batch locked at once (see `Migrator::migrate_batch`); a group also
+/// stops at one copy unit of bytes.
+const LOCK_GROUP_RUNS: usize = 8;
 /// Seconds of copying a cold chunk should take at the observed rate.
 const COLD_CHUNK_S: f64 = 0.25;
 /// Hot chunks taken from the prefetch queue per sweep chunk, moved as one batch.
@@ -999,17 +1002,34 @@ impl Migrator {
         let vol = self.volumes[volume].clone();
         let g = vol.map.granule_bytes;
         let total: u64 = runs.iter().map(|r| r.1).sum();
-        let base = self.meta_call(|reply| MetaRequest::Reserve {
+        // One contiguous reservation when the tier has one, else one per run: a
+        // fragmented tier (scattered hot granules promoted and demoted over time) must
+        // not push a batch back to one journal commit per run.
+        let mut plan = Vec::with_capacity(runs.len());
+        let whole = self.meta_call(|reply| MetaRequest::Reserve {
             tier: to_tier,
             granules: total,
             reply,
-        })?;
-        let mut plan = Vec::with_capacity(runs.len());
+        });
         let mut off = 0;
         for &(first, count, from) in runs {
+            let phys_granule = match whole {
+                Ok(base) => base + off,
+                Err(_) => match self.meta_call(|reply| MetaRequest::Reserve {
+                    tier: to_tier,
+                    granules: count,
+                    reply,
+                }) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.release_reserved(&plan);
+                        return Err(e);
+                    }
+                },
+            };
             let to = Location {
                 tier: to_tier,
-                phys_granule: base + off,
+                phys_granule,
             };
             plan.push((first, count, from, to));
             off += count;
@@ -1018,31 +1038,55 @@ impl Migrator {
         self.stats
             .inflight_bytes
             .fetch_add(total * g, Ordering::Relaxed);
-        for p in &plan {
-            vol.map.set_migration(p.0, p.1, Migration::Locked(p.3));
-        }
-        let copied = self.grace().and_then(|()| {
-            let mut ops = Vec::new();
-            let mut back = Vec::new();
-            for p in &plan {
-                ops.extend(self.ops_for(p.2, p.3, p.0, p.1));
-                back.extend(self.ops_for(p.3, p.3, p.0, p.1));
+        // Lock, copy, verify and shadow a few runs at a time: a run is locked (its
+        // writes wait) only while its own group copies, not for the whole batch, so a
+        // hot granule in a 4 MiB batch holds its writers for one group's copy.
+        let mut copied = Ok(());
+        let mut group_start = 0;
+        while group_start < plan.len() {
+            let mut end = group_start;
+            let mut bytes = 0;
+            while end < plan.len()
+                && (end == group_start
+                    || (end - group_start < LOCK_GROUP_RUNS
+                        && bytes + plan[end].1 * g <= super::COPY_UNIT_BYTES))
+            {
+                bytes += plan[end].1 * g;
+                end += 1;
             }
-            let src = self.run_ops(&mut ops, false)?;
-            let dst = self.run_ops(&mut back, true)?;
-            if src != dst {
-                return Err(format!(
-                    "crc32c mismatch between source and copy in a batch of {} runs",
-                    plan.len()
-                ));
+            let group = &plan[group_start..end];
+            for p in group {
+                vol.map.set_migration(p.0, p.1, Migration::Locked(p.3));
             }
-            self.stats
-                .bytes_verified
-                .fetch_add(total * g, Ordering::Relaxed);
-            Ok(())
-        });
-        for p in &plan {
-            vol.map.set_migration(p.0, p.1, Migration::Shadow(p.3));
+            copied = self.grace().and_then(|()| {
+                let mut ops = Vec::new();
+                let mut back = Vec::new();
+                for p in group {
+                    ops.extend(self.ops_for(p.2, p.3, p.0, p.1));
+                    back.extend(self.ops_for(p.3, p.3, p.0, p.1));
+                }
+                let src = self.run_ops(&mut ops, false)?;
+                let dst = self.run_ops(&mut back, true)?;
+                if src != dst {
+                    return Err(format!(
+                        "crc32c mismatch between source and copy in a batch of {} runs",
+                        plan.len()
+                    ));
+                }
+                self.stats
+                    .bytes_verified
+                    .fetch_add(bytes, Ordering::Relaxed);
+                Ok(())
+            });
+            // From here writes go to both copies (also after a failure, until the
+            // state is cleared below, after a grace period).
+            for p in group {
+                vol.map.set_migration(p.0, p.1, Migration::Shadow(p.3));
+            }
+            group_start = end;
+            if copied.is_err() {
+                break;
+            }
         }
         // Copies durable before the record that points at them (see `flush_tier`).
         let result = copied
@@ -1077,6 +1121,15 @@ impl Migrator {
                 self.stats
                     .completed
                     .fetch_add(plan.len() as u64, Ordering::Relaxed);
+                for p in &plan {
+                    let up = to_tier < p.2.tier;
+                    let c = if up {
+                        &self.stats.promotions
+                    } else {
+                        &self.stats.demotions
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 self.stats
                     .bytes_moved
                     .fetch_add(total * g, Ordering::Relaxed);
@@ -1084,15 +1137,22 @@ impl Migrator {
             }
             Err(e) => {
                 if grace.is_ok() {
-                    let _ = self.meta_tx.send(MetaRequest::Release {
-                        tier: to_tier,
-                        phys_granule: base,
-                        count: total,
-                    });
+                    self.release_reserved(&plan);
                 }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
+        }
+    }
+
+    /// Frees the destinations of a batch that was not switched.
+    fn release_reserved(&self, plan: &[(u64, u64, Location, Location)]) {
+        for p in plan {
+            let _ = self.meta_tx.send(MetaRequest::Release {
+                tier: p.3.tier,
+                phys_granule: p.3.phys_granule,
+                count: p.1,
+            });
         }
     }
 }

@@ -442,6 +442,7 @@ fn run(
                 true
             })
             .collect();
+        let queued = batch_order(queued, params.granule_bytes);
         shared
             .stats
             .queued
@@ -488,11 +489,21 @@ fn run(
                         migrator.runs_to_move(m.volume, m.first_granule, m.count, m.to_tier)
                     })
                     .collect();
+                let t0 = Instant::now();
                 let moved = runs.is_empty()
                     || migrator
                         .migrate_batch(head.volume, &runs, head.to_tier)
                         .map_err(|e| tracing::debug!("batch of {} moves: {e}", batch.len()))
                         .is_ok();
+                tracing::debug!(
+                    moves = batch.len(),
+                    runs = runs.len(),
+                    bytes,
+                    to = head.to_tier,
+                    ms = t0.elapsed().as_millis() as u64,
+                    moved,
+                    "batch"
+                );
                 if moved {
                     for m in batch {
                         states[m.volume].moved(m.first_granule, m.count, window);
@@ -529,6 +540,33 @@ fn run(
         shared.stats.queued.store(0, Ordering::Relaxed);
         shared.stats.queued_bytes.store(0, Ordering::Relaxed);
     }
+}
+
+/// Reorders a window's queue (most urgent first) so that moves batch: it is cut
+/// into segments of up to two batches' worth of moves, and inside a segment the
+/// moves to slower tiers (the demotions that make room) go first, then the
+/// promotions they make room for, each group in priority order. The planner
+/// emits each promotion right after its own demotions, so without this the
+/// queue alternates tiers and every batch holds one move.
+fn batch_order(queued: Vec<planner::Move>, granule_bytes: u64) -> Vec<planner::Move> {
+    let mut out = Vec::with_capacity(queued.len());
+    let mut segment: Vec<planner::Move> = Vec::new();
+    let mut bytes = 0;
+    let flush = |segment: &mut Vec<planner::Move>, out: &mut Vec<planner::Move>| {
+        // Stable: priority order survives inside each (volume, tier) group.
+        segment.sort_by_key(|m| (std::cmp::Reverse(m.to_tier), m.volume));
+        out.append(segment);
+    };
+    for m in queued {
+        bytes += m.count * granule_bytes;
+        segment.push(m);
+        if segment.len() >= 2 * BATCH_MOVES_MAX || bytes >= 2 * BATCH_BYTES_MAX {
+            flush(&mut segment, &mut out);
+            bytes = 0;
+        }
+    }
+    flush(&mut segment, &mut out);
+    out
 }
 
 /// Object-tier chores of the policy thread.
@@ -709,4 +747,67 @@ fn moved_volume(vol: &Volume, migrator_tiers: usize, plan_tiers: usize) -> bool 
             .runs()
             .iter()
             .any(|r| r.2.is_some_and(|l| l.tier as usize >= plan_tiers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use planner::Move;
+
+    fn mv(first: u64, from: u8, to: u8, priority: f64) -> Move {
+        Move {
+            volume: 0,
+            first_granule: first,
+            count: 1,
+            from_tier: from,
+            to_tier: to,
+            priority,
+            deadline_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn batch_order_puts_demotions_before_their_promotions_per_segment() {
+        // The planner's shape: each promotion right after the demotion that makes room.
+        let mut q = Vec::new();
+        for i in 0..(3 * BATCH_MOVES_MAX as u64) {
+            q.push(mv(10_000 + i, 0, 1, 1000.0 - i as f64 + 1e-6));
+            q.push(mv(i, 1, 0, 1000.0 - i as f64));
+        }
+        let g = 64 << 10;
+        let out = batch_order(q.clone(), g);
+        assert_eq!(out.len(), q.len());
+        // Same moves, none lost or duplicated.
+        let mut a: Vec<_> = q.iter().map(|m| m.first_granule).collect();
+        let mut b: Vec<_> = out.iter().map(|m| m.first_granule).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        // Runs of one direction are whole batches, not single moves.
+        let mut runs = vec![(out[0].to_tier, 1usize)];
+        for m in &out[1..] {
+            match runs.last_mut() {
+                Some((t, n)) if *t == m.to_tier => *n += 1,
+                _ => runs.push((m.to_tier, 1)),
+            }
+        }
+        assert!(runs.iter().all(|&(_, n)| n >= BATCH_MOVES_MAX), "{runs:?}");
+        // Every promotion comes after the demotion planned with it.
+        for (i, m) in out.iter().enumerate().filter(|(_, m)| m.to_tier == 0) {
+            let d = out
+                .iter()
+                .position(|x| x.first_granule == m.first_granule + 10_000)
+                .unwrap();
+            assert!(d < i, "promotion {} before its demotion", m.first_granule);
+        }
+        // Priority order holds inside each direction.
+        for t in [0u8, 1] {
+            let p: Vec<f64> = out
+                .iter()
+                .filter(|m| m.to_tier == t)
+                .map(|m| m.priority)
+                .collect();
+            assert!(p.windows(2).all(|w| w[0] >= w[1]));
+        }
+    }
 }

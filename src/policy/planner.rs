@@ -26,6 +26,11 @@ use crate::volume::Volume;
 pub const DOLLAR_US: f64 = 1e7;
 /// Largest partition (in granules) that warm neighbours merge into: 4 MiB.
 pub const WARM_MERGE_GRANULES_MAX: u64 = 64;
+/// Predicted accesses per window (per granule) by which a promotion must beat the
+/// resident it displaces, on top of the relative hysteresis: near the fast tier's
+/// boundary both are estimates of rates around 0.1 per window, noise that would
+/// otherwise swap them back and forth.
+pub const SWAP_MARGIN: f64 = 0.2;
 /// Windows a move's benefit is counted over.
 pub const HORIZON_WINDOWS: f64 = 30.0;
 
@@ -181,9 +186,10 @@ impl VolumeState {
 
     /// Splits uneven partitions and merges even neighbours. Returns (splits, merges).
     ///
-    /// - Split (repeatedly, down to `chunk_min`): the hottest granule predicts
-    ///   over 4x the partition's mean and at least 0.05 accesses per window, so
-    ///   a hot 64 KiB inside a cold chunk can move alone.
+    /// - Split (repeatedly, down to `chunk_min`) when some granule predicts at
+    ///   least 0.05 accesses per window and either it predicts at least 4x the
+    ///   partition's mean or one half predicts over 3x the other, so a hot
+    ///   64 KiB inside a cold chunk can move alone.
     /// - Merge buddies (equal size, aligned, same tier): both cold (under 0.01
     ///   predicted accesses per granule) up to `chunk_max`, or both warm with
     ///   heat within 2x of each other up to [`WARM_MERGE_GRANULES_MAX`].
@@ -196,9 +202,14 @@ impl VolumeState {
             if part.count >= 2 * p.chunk_min_granules && part.count % 2 == 0 {
                 let range = part.first as usize..(part.first + part.count) as usize;
                 let max = self.pred[range.clone()].iter().cloned().fold(0.0, f64::max);
-                let mean = self.pred[range].iter().sum::<f64>() / part.count as f64;
-                if max >= 0.05 && max > 4.0 * mean.max(1e-9) {
-                    let half = part.count / 2;
+                let half = part.count / 2;
+                let left = self.heat(part.first, half);
+                let right = self.heat(part.first + half, half);
+                // Uneven: the hottest granule predicts at least 4x the mean (a few hot
+                // granules scattered in a cold chunk, as a hashed zipf makes), or one
+                // half holds over three quarters of the heat (one hot granule of two).
+                let concentrated = max * part.count as f64 >= 4.0 * (left + right) * (1.0 - 1e-9);
+                if max >= 0.05 && (concentrated || left.max(right) > 3.0 * left.min(right)) {
                     work.push(Partition {
                         first: part.first + half,
                         count: half,
@@ -402,6 +413,17 @@ pub fn plan(
                 continue;
             }
         }
+        // Displacing a resident takes evidence, not one access: the partition must
+        // have been read or written in at least two of the last eight windows. A
+        // single access in a zipf tail predicts a lot for one window (the trend term)
+        // and then nothing, and would churn the boundary of the fast tier.
+        if p.kind == PolicyKind::Kiln
+            && free < bytes
+            && !(part.first..part.first + part.count)
+                .any(|x| st.windows_active[x as usize].count_ones() >= 2)
+        {
+            continue;
+        }
         // Make room by demoting the coldest residents that this partition beats.
         let mut demotions = Vec::new();
         let mut room = free;
@@ -410,7 +432,9 @@ pub fn plan(
             let (rs, rp) = residents[v];
             let r_density = rs / rp.count as f64;
             let beats = match p.kind {
-                PolicyKind::Kiln => resident_ok(&rp) && density > r_density * (1.0 + p.hysteresis),
+                PolicyKind::Kiln => {
+                    resident_ok(&rp) && density > r_density * (1.0 + p.hysteresis) + SWAP_MARGIN
+                }
                 _ => window > rp.moved_window && density > r_density,
             };
             if !beats {
