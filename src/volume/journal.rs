@@ -376,7 +376,6 @@ impl MetaService {
             self.verify_buf = AlignedBuf::zeroed(len as usize);
         }
         let what = region_name(offset);
-        let tier = self.tiers[0].name.clone();
         let mut last = String::new();
         for attempt in 0..=VERIFY_REWRITES {
             if attempt > 0 {
@@ -387,6 +386,7 @@ impl MetaService {
             }
             let dst = self.verify_buf.as_mut_ptr();
             if let Err(e) = self.sync_buf(0, IoKind::Read, offset, len, false, dst) {
+                let tier = &self.tiers[0].name;
                 tracing::warn!(%tier, offset, len, what, "metadata read-back failed: {e}");
                 last = format!("read-back failed: {e}");
                 continue;
@@ -400,15 +400,16 @@ impl MetaService {
                 .misdirected_writes
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                %tier,
+                tier = %self.tiers[0].name,
                 offset,
                 len,
                 what,
-                attempt,
-                "metadata write reported done but reads back different (misdirected or lost): rewriting it"
+                rewrites_left = VERIFY_REWRITES - attempt,
+                "metadata write reported done but reads back different (misdirected or lost)"
             );
             last = "it reads back different (misdirected or lost)".into();
         }
+        let tier = &self.tiers[0].name;
         let e = format!(
             "metadata device failed: tier '{tier}' {what} at byte {offset}+{len} did not read \
              back as written after {VERIFY_REWRITES} rewrites ({last}); no further metadata \
