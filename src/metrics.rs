@@ -26,6 +26,8 @@
 //! | `kiln_mirror_resync_done_bytes` | gauge | `tier` |
 //! | `kiln_volume_size_bytes` | gauge | `volume` |
 //! | `kiln_nbd_connections` | gauge | |
+//! | `kiln_journal_misdirected_writes_total` | counter | (durable metadata writes rewritten after a read-back differed) |
+//! | `kiln_journal_failed` | gauge | (1 once a metadata write never read back as written: metadata changes fail) |
 //! | `kiln_info` | gauge (always 1) | `version` |
 
 use std::fmt::Write as _;
@@ -304,6 +306,8 @@ pub struct Metrics {
     volume_size: Family<VolumeLabels, Gauge>,
     nbd_connections: Gauge,
     tier_degraded: Family<TierLabels, Gauge>,
+    journal_misdirected: Counter,
+    journal_failed: Gauge,
 }
 
 impl Default for Metrics {
@@ -338,6 +342,8 @@ impl Metrics {
         let volume_size = Family::<VolumeLabels, Gauge>::default();
         let nbd_connections = Gauge::default();
         let tier_degraded = Family::<TierLabels, Gauge>::default();
+        let journal_misdirected = Counter::default();
+        let journal_failed = Gauge::default();
         let info = Family::<VersionLabels, Gauge>::default();
         info.get_or_create(&VersionLabels {
             version: Name(version.to_owned()),
@@ -409,6 +415,16 @@ impl Metrics {
             "1 while an object tier is degraded (reads of its data fail; nothing is demoted to it)",
             tier_degraded.clone(),
         );
+        r.register(
+            "kiln_journal_misdirected_writes",
+            "Durable metadata writes that read back different (misdirected or lost) and were rewritten",
+            journal_misdirected.clone(),
+        );
+        r.register(
+            "kiln_journal_failed",
+            "1 once a metadata write never read back as written (every metadata change fails)",
+            journal_failed.clone(),
+        );
         r.register("kiln_info", "kiln build information (always 1)", info);
 
         Metrics {
@@ -426,7 +442,16 @@ impl Metrics {
             volume_size,
             nbd_connections,
             tier_degraded,
+            journal_misdirected,
+            journal_failed,
         }
+    }
+
+    /// Set the journal's read-back figures from its running totals (periodic, not per I/O).
+    pub fn set_journal_status(&self, misdirected_writes: u64, failed: bool) {
+        let c = &self.journal_misdirected;
+        c.inc_by(misdirected_writes.saturating_sub(c.get()));
+        self.journal_failed.set(failed as i64);
     }
 
     /// Set `kiln_tier_degraded` for an object tier (periodic, not per I/O).
@@ -942,6 +967,18 @@ mod tests {
         );
         assert_eq!(value(&t, "kiln_nbd_connections"), Some(1.0));
         assert_eq!(value(&t, r#"kiln_info{version="1.2.3"}"#), Some(1.0));
+        assert_eq!(
+            value(&t, "kiln_journal_misdirected_writes_total"),
+            Some(0.0)
+        );
+        m.set_journal_status(3, true);
+        m.set_journal_status(5, true);
+        let t = m.encode();
+        assert_eq!(
+            value(&t, "kiln_journal_misdirected_writes_total"),
+            Some(5.0)
+        );
+        assert_eq!(value(&t, "kiln_journal_failed"), Some(1.0));
         assert!(t.contains("# TYPE kiln_io_latency_seconds histogram\n"));
         assert!(t.contains("# UNIT kiln_io_bytes bytes\n"));
         assert!(t.ends_with("# EOF\n"));

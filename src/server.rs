@@ -766,7 +766,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         None => None,
     };
     let gauge_stop = stop.clone();
-    let (m2, s3) = (metrics.clone(), shared.clone());
+    let (m2, s3, journal) = (metrics.clone(), shared.clone(), st.stats.clone());
     let gauges = std::thread::Builder::new()
         .name("kiln-gauges".into())
         .spawn(move || {
@@ -790,6 +790,10 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                         m2.set_tier_degraded(name, o.is_degraded());
                     }
                 }
+                m2.set_journal_status(
+                    journal.misdirected_writes.load(Ordering::Relaxed),
+                    journal.failed.load(Ordering::Relaxed),
+                );
                 conns.set(s3.nbd_connections.load(Ordering::Relaxed) as i64);
                 std::thread::sleep(Duration::from_millis(500));
             }

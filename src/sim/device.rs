@@ -17,7 +17,7 @@ use crate::bdev::{
     BlockDevice, ChannelOptions, Completion, DeviceError, DeviceInfo, IoChannel, IoKind, IoRequest,
     SubmitError,
 };
-use crate::volume::journal::{CHECKPOINT_OFFSETS, LOG_OFFSET, META_BYTES, SUPERBLOCK_OFFSETS};
+use crate::volume::journal::{region_name, LOG_OFFSET, META_BYTES};
 
 /// The sector size of simulated devices: the unit of atomicity and of tearing.
 pub const SECTOR: u64 = 4096;
@@ -62,7 +62,8 @@ pub struct Faults {
     pub write_eio: u64,
     /// A completion held back for many polls (others overtake it).
     pub latency_spike: u64,
-    /// A metadata-log write that lands on another log block (reported as success).
+    /// A metadata write (log commit, checkpoint, superblock) that is reported done but lands
+    /// 1..63 sectors after where it was addressed; the addressed sectors keep what they held.
     pub misdirect: u64,
 }
 
@@ -100,6 +101,11 @@ struct Pending {
 
 struct State {
     rng: Rng,
+    /// Draws for misdirected checkpoint and superblock writes, apart from `rng` so that
+    /// adding them left every other draw of a seed (and the log misdirects) as it was.
+    meta_rng: Rng,
+    /// The next this many metadata writes are misdirected, whatever the rates (for tests).
+    misdirect_next: u64,
     pub faults: Faults,
     images: Vec<Image>,
     caches: Vec<bool>,
@@ -128,6 +134,8 @@ impl World {
         Arc::new(World {
             state: Mutex::new(State {
                 rng: Rng::new(seed ^ 0x5eed_d0d0),
+                meta_rng: Rng::new(seed ^ 0x3e7a_d0d0),
+                misdirect_next: 0,
                 faults,
                 images: Vec::new(),
                 caches: Vec::new(),
@@ -179,6 +187,11 @@ impl World {
 
     pub fn set_phase(&self, phase: &'static str) {
         self.lock().phase = phase;
+    }
+
+    /// Misdirects the next `n` metadata writes of device 0 (see [`Faults::misdirect`]).
+    pub fn misdirect_next(&self, n: u64) {
+        self.lock().misdirect_next = n;
     }
 
     pub fn arm_crash(&self, at: Option<CrashPoint>) {
@@ -269,22 +282,29 @@ fn describe(device: usize, req: &IoRequest) -> String {
     let off = req.offset_bytes;
     match req.kind {
         IoKind::Flush => "flush".into(),
-        _ if device == 0 && off < META_BYTES => {
-            if off == SUPERBLOCK_OFFSETS[0] {
-                "superblock copy A".into()
-            } else if off == SUPERBLOCK_OFFSETS[1] {
-                "superblock copy B".into()
-            } else if off >= CHECKPOINT_OFFSETS[0] && off < CHECKPOINT_OFFSETS[1] {
-                "checkpoint slot 0".into()
-            } else if off >= CHECKPOINT_OFFSETS[1] && off < LOG_OFFSET {
-                "checkpoint slot 1".into()
-            } else {
-                "journal commit".into()
-            }
-        }
+        _ if device == 0 && off < META_BYTES => region_name(off).into(),
         IoKind::WriteZeroes => "zeroing new space".into(),
         IoKind::Trim => "trim".into(),
         _ => "data write".into(),
+    }
+}
+
+/// How many sectors past its address a write to the metadata region of device 0 lands, if it
+/// is misdirected. Log commits draw from the main generator (as they always did); checkpoint
+/// and superblock writes from their own.
+fn misdirected(s: &mut State, d: usize, req: &IoRequest) -> Option<u64> {
+    let end = req.offset_bytes + req.len_bytes as u64;
+    if d != 0 || req.kind != IoKind::Write || end + 64 * SECTOR > META_BYTES {
+        return None;
+    }
+    let r = s.faults.misdirect;
+    if s.misdirect_next > 0 {
+        s.misdirect_next -= 1;
+        Some(1 + s.meta_rng.below(63))
+    } else if req.offset_bytes >= LOG_OFFSET {
+        s.rng.chance(r).then(|| 1 + s.rng.below(63))
+    } else {
+        (r > 0 && s.meta_rng.chance(r)).then(|| 1 + s.meta_rng.below(63))
     }
 }
 
@@ -346,17 +366,9 @@ fn complete_locked(s: &mut State, p: Pending) -> i32 {
                 return -libc::EIO;
             }
             let mut target = first;
-            if d == 0
-                && req.kind == IoKind::Write
-                && req.offset_bytes >= LOG_OFFSET
-                && req.offset_bytes + req.len_bytes as u64 + 64 * SECTOR <= META_BYTES
-                && {
-                    let r = s.faults.misdirect;
-                    s.rng.chance(r)
-                }
-            {
+            if let Some(by) = misdirected(s, d, &req) {
                 s.injected += 1;
-                target = first + 1 + s.rng.below(63);
+                target = first + by;
             }
             let durable_now = req.fua || !s.caches[d];
             for i in 0..sectors {

@@ -63,14 +63,16 @@ pub struct SimArgs {
     /// No injected faults (crashes still happen).
     #[arg(long)]
     pub no_faults: bool,
-    /// Add misdirected journal writes to the faults. The engine does not survive them (a
-    /// misdirected commit is reported done and then missing at recovery; see docs/FORMAT.md,
-    /// "Media assumptions"), so they are left out unless asked for.
+    /// Leave misdirected metadata writes (reported done, landed elsewhere) out of the faults.
     #[arg(long)]
-    pub misdirect: bool,
-    /// The default (kept so that older replay commands still parse).
-    #[arg(long, hide = true, conflicts_with = "misdirect")]
     pub no_misdirect: bool,
+    /// The default (kept so that older replay commands still parse).
+    #[arg(long, hide = true, conflicts_with = "no_misdirect")]
+    pub misdirect: bool,
+    /// Do not read durable metadata writes back (shows the acknowledged commits that
+    /// misdirected writes then lose; see docs/FORMAT.md, "Media assumptions").
+    #[arg(long, hide = true)]
+    pub no_verify_writes: bool,
     /// Print the durable events of the run.
     #[arg(long)]
     pub events: bool,
@@ -88,6 +90,8 @@ pub struct SimReport {
     pub migrations_failed: u64,
     pub checkpoints: u64,
     pub faults_injected: u64,
+    /// Metadata writes the journal found elsewhere than addressed on read-back and rewrote.
+    pub misdirects_rewritten: u64,
     pub write_cache: bool,
     pub events: Vec<Event>,
 }
@@ -98,8 +102,10 @@ pub struct SimOptions {
     pub seed: u64,
     pub steps: u64,
     pub faults: bool,
-    /// Whether misdirected journal writes are among the faults (see `SimArgs::misdirect`).
+    /// Whether misdirected metadata writes are among the faults.
     pub misdirect: bool,
+    /// Whether the journal reads its durable writes back (`MetaService::open_verified`).
+    pub verify_writes: bool,
     /// A fixed crash point; otherwise crashes are drawn from the seed.
     pub crash: Option<CrashPoint>,
 }
@@ -181,6 +187,7 @@ impl Engine {
         tiers: &[(String, Arc<dyn BlockDevice>)],
         pool: &DmaPool,
         metrics: &crate::metrics::Metrics,
+        verify_writes: bool,
     ) -> Result<Engine, String> {
         let vol = Arc::new(Volume::new(0, "simvol", VOLUME_BYTES, CHUNK_BYTES));
         let volumes = Arc::new(vec![vol.clone()]);
@@ -193,7 +200,7 @@ impl Engine {
                 usage: Arc::new(TierUsage::default()),
             })
             .collect();
-        let meta = MetaService::open(meta_tiers, vec![vol])?;
+        let meta = MetaService::open_verified(meta_tiers, vec![vol], verify_writes)?;
         let (meta_tx, meta_rx) = crossbeam_channel::unbounded();
         let mut io = VolumeIo::new(
             volumes.clone(),
@@ -333,12 +340,15 @@ impl Engine {
         }
     }
 
-    fn stop(mut self) {
+    /// Stops the engine; returns how many misdirected metadata writes it rewrote.
+    fn stop(mut self) -> u64 {
         drop(self.mig_tx.take());
         if let Some(t) = self.mig_thread.take() {
             let _ = t.join();
         }
         let _ = &self.epochs;
+        let stats = &self.meta.state().stats;
+        stats.misdirected_writes.load(Ordering::Relaxed)
     }
 }
 
@@ -380,7 +390,7 @@ pub fn run(opts: SimOptions) -> Result<SimReport, String> {
         ..SimReport::default()
     };
     let mut next_version = 1u64;
-    let mut eng = Engine::open(&tiers, &pool, &metrics)?;
+    let mut eng = Engine::open(&tiers, &pool, &metrics, opts.verify_writes)?;
     world.set_faults(faults);
     // Crashes: a fixed point, or 1-2 drawn from the seed (counted in durable events).
     let mut crashes_left = if opts.crash.is_some() {
@@ -406,13 +416,13 @@ pub fn run(opts: SimOptions) -> Result<SimReport, String> {
             world.crash();
         }
         if world.crashed() {
-            eng.stop();
+            report.misdirects_rewritten += eng.stop();
             world.restart();
             world.set_faults(Faults::default());
             world.set_phase("recovery");
             report.crashes += 1;
             crashes_left = crashes_left.saturating_sub(1);
-            eng = Engine::open(&tiers, &pool, &metrics)
+            eng = Engine::open(&tiers, &pool, &metrics, opts.verify_writes)
                 .map_err(|e| format!("recovery after crash {} failed: {e}", report.crashes))?;
             let when = format!(
                 "after crash {} (write cache {write_cache}, faults {faults:?}, {} durable events; last: {:?})",
@@ -513,7 +523,7 @@ pub fn run(opts: SimOptions) -> Result<SimReport, String> {
             }
         }
     }
-    eng.stop();
+    report.misdirects_rewritten += eng.stop();
     report.faults_injected = world.injected();
     report.events = world.events();
     Ok(report)
@@ -703,7 +713,8 @@ pub fn main(args: &SimArgs) -> i32 {
                     seed,
                     steps: args.steps,
                     faults: !args.no_faults,
-                    misdirect: args.misdirect,
+                    misdirect: !args.no_misdirect,
+                    verify_writes: !args.no_verify_writes,
                     crash: args.crash_event.map(|event| CrashPoint {
                         event,
                         after: args.crash_after,
@@ -732,6 +743,7 @@ pub fn main(args: &SimArgs) -> i32 {
                         t.migrations_failed += r.migrations_failed;
                         t.checkpoints += r.checkpoints;
                         t.faults_injected += r.faults_injected;
+                        t.misdirects_rewritten += r.misdirects_rewritten;
                     }
                     Err(e) => {
                         eprintln!("kiln sim: seed {seed} FAILED: {e}");
@@ -745,7 +757,7 @@ pub fn main(args: &SimArgs) -> i32 {
     let t = totals.into_inner().unwrap();
     let failures = failures.into_inner().unwrap();
     println!(
-        "kiln sim: {} seeds x {} steps in {:.1}s: {} ops, {} acked writes, {} failed ops, {} blocks checked, {} crashes, {} migrations ({} failed), {} checkpoints, {} faults injected, {} failing seeds",
+        "kiln sim: {} seeds x {} steps in {:.1}s: {} ops, {} acked writes, {} failed ops, {} blocks checked, {} crashes, {} migrations ({} failed), {} checkpoints, {} faults injected ({} misdirected metadata writes rewritten), {} failing seeds",
         args.seeds,
         args.steps,
         t0.elapsed().as_secs_f64(),
@@ -758,6 +770,7 @@ pub fn main(args: &SimArgs) -> i32 {
         t.migrations_failed,
         t.checkpoints,
         t.faults_injected,
+        t.misdirects_rewritten,
         failures.len()
     );
     println!("seeds={} failures={}", args.seeds, failures.len());
@@ -783,8 +796,11 @@ pub fn replay_command(o: &SimOptions) -> String {
     let mut c = format!("kiln sim --seed {} --steps {}", o.seed, o.steps);
     if !o.faults {
         c.push_str(" --no-faults");
-    } else if o.misdirect {
-        c.push_str(" --misdirect");
+    } else if !o.misdirect {
+        c.push_str(" --no-misdirect");
+    }
+    if !o.verify_writes {
+        c.push_str(" --no-verify-writes");
     }
     if let Some(cp) = o.crash {
         c.push_str(&format!(" --crash-event {}", cp.event));
@@ -793,4 +809,128 @@ pub fn replay_command(o: &SimOptions) -> String {
         }
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    //! The journal's read-back of durable metadata writes, on a simulated device that
+    //! misdirects chosen writes (`World::misdirect_next`).
+    use super::*;
+    use crate::volume::journal::{LOG_OFFSET, VERIFY_REWRITES};
+
+    const FAST_BYTES: u64 = META_BYTES + (4 << 20);
+
+    fn open(dev: &Arc<SimDevice>, verify: bool) -> (MetaService, Arc<Volume>) {
+        let vol = Arc::new(Volume::new(0, "v", 4 << 20, 1 << 20));
+        let tier = MetaTier {
+            name: "fast".into(),
+            device: dev.clone(),
+            capacity_bytes: FAST_BYTES,
+            usage: Arc::new(TierUsage::default()),
+        };
+        let meta =
+            MetaService::open_verified(vec![tier], vec![vol.clone()], verify).expect("opens");
+        (meta, vol)
+    }
+
+    /// Maps the first chunk of the volume; returns the reply's errno.
+    fn allocate(meta: &mut MetaService) -> i32 {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        tx.send(MetaRequest::Allocate {
+            volume: 0,
+            offset_bytes: 0,
+            len_bytes: BLOCK,
+            reply: Box::new(move |rc| {
+                let _ = rtx.send(rc);
+            }),
+        })
+        .unwrap();
+        assert!(meta.serve_pending(&rx));
+        rrx.try_recv().expect("answered")
+    }
+
+    /// Power off and on; then recovery, with the read-back on.
+    fn reopen(world: &World, dev: &Arc<SimDevice>) -> (MetaService, Arc<Volume>) {
+        world.crash();
+        world.restart();
+        open(dev, true)
+    }
+
+    /// A misdirected Map commit is found by its read-back and rewritten before the request
+    /// is answered, so recovery finds it; without the read-back the acknowledged mapping is
+    /// gone after recovery (the log ends at the hole).
+    #[test]
+    fn a_misdirected_commit_is_rewritten_before_it_is_acknowledged() {
+        for verify in [true, false] {
+            let world = World::new(1, Faults::default());
+            let dev = world.add_device("fast", FAST_BYTES, false);
+            let (mut meta, _) = open(&dev, verify);
+            let sector = (LOG_OFFSET + meta.state().log_pos) / SECTOR;
+            let before = world.durable_sector(0, sector);
+            world.misdirect_next(1);
+            assert_eq!(allocate(&mut meta), 0, "verify {verify}");
+            let stats = meta.state().stats.clone();
+            let commit = world.durable_sector(0, sector);
+            // The misdirected copy: the commit's bytes 1..63 sectors past its address.
+            let copy = (sector + 1..sector + 64).find(|&s| {
+                world
+                    .durable_sector(0, s)
+                    .is_some_and(|b| b[..4] == *b"KLNJ")
+            });
+            assert!(copy.is_some(), "verify {verify}: no misdirected copy");
+            drop(meta);
+            let (_, vol) = reopen(&world, &dev);
+            if verify {
+                assert_eq!(stats.misdirected_writes.load(Ordering::Relaxed), 1);
+                assert_eq!(commit, world.durable_sector(0, copy.unwrap()));
+                assert!(
+                    vol.map.get(0).is_some(),
+                    "the acknowledged Map commit was lost"
+                );
+            } else {
+                assert_eq!(stats.misdirected_writes.load(Ordering::Relaxed), 0);
+                assert_eq!(commit, before, "the addressed sector changed");
+                assert!(vol.map.get(0).is_none(), "the hole did not end the log");
+            }
+        }
+    }
+
+    /// A write that never reads back as written fails the metadata device after the bounded
+    /// rewrites: the commit is not acknowledged, every later change fails with the same
+    /// precise error, and recovery shows nothing of it.
+    #[test]
+    fn a_write_that_never_reads_back_fails_the_metadata_device() {
+        let world = World::new(2, Faults::default());
+        let dev = world.add_device("fast", FAST_BYTES, true);
+        let (mut meta, vol) = open(&dev, true);
+        world.misdirect_next(u64::MAX);
+        assert_eq!(allocate(&mut meta), -libc::EIO);
+        let stats = meta.state().stats.clone();
+        assert_eq!(
+            stats.misdirected_writes.load(Ordering::Relaxed),
+            1 + VERIFY_REWRITES as u64
+        );
+        assert!(stats.failed.load(Ordering::Relaxed));
+        assert!(vol.map.get(0).is_none(), "an unverified commit was applied");
+        // The device stays failed even when writes land again.
+        world.misdirect_next(0);
+        assert_eq!(allocate(&mut meta), -libc::EIO);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        tx.send(MetaRequest::Checkpoint { reply: rtx }).unwrap();
+        meta.serve_pending(&rx);
+        let e = rrx
+            .try_recv()
+            .unwrap()
+            .expect_err("checkpoint on a failed device");
+        assert!(
+            e.starts_with("metadata device failed: tier 'fast' journal commit at byte ")
+                && e.contains("did not read back as written after 3 rewrites"),
+            "{e}"
+        );
+        drop(meta);
+        let (_, vol) = reopen(&world, &dev);
+        assert!(vol.map.get(0).is_none());
+    }
 }

@@ -13,10 +13,14 @@
 //! ```
 //!
 //! Every frame is [`crate::frame`]: magic | len | crc32c | sequence | postcard.
-//! A change is durable when its log commit (written with FUA) completes; only
-//! then is it applied to the in-memory map and acknowledged.
+//! A change is durable when its log commit (written with FUA) completes and reads
+//! back as written; only then is it applied to the in-memory map and acknowledged.
+//! Every durable metadata write (log commit, checkpoint slot, superblock copy) is
+//! read back: a write reported done that is not where it was addressed (misdirected
+//! or lost) is rewritten, and after [`VERIFY_REWRITES`] rewrites the metadata device
+//! is failed (see docs/FORMAT.md, "Media assumptions").
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -224,6 +228,20 @@ pub enum MetaRequest {
     },
 }
 
+/// How many times a durable metadata write whose read-back differs is rewritten before the
+/// metadata device is failed.
+pub const VERIFY_REWRITES: u32 = 3;
+
+/// Counters of the metadata service, shared with metrics.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    /// Durable metadata writes reported done whose read-back differed from what was written
+    /// (misdirected or lost); each was rewritten.
+    pub misdirected_writes: AtomicU64,
+    /// Set once a durable metadata write could not be verified: every later change fails.
+    pub failed: AtomicBool,
+}
+
 /// Where the journal stands.
 #[derive(Debug, Clone)]
 pub struct JournalState {
@@ -236,6 +254,7 @@ pub struct JournalState {
     pub runtime_tiers: Vec<RuntimeTierOpen>,
     /// Whole-volume moves, finished or not.
     pub moves: Vec<VolumeMoveState>,
+    pub stats: Arc<JournalStats>,
 }
 
 /// Owns the map changes: allocators, journal, checkpoints.
@@ -248,6 +267,12 @@ pub struct MetaService {
     orphans: Vec<VolumeImage>,
     state: JournalState,
     buf: AlignedBuf,
+    /// Where durable metadata writes are read back into (as large as `buf` needed).
+    verify_buf: AlignedBuf,
+    /// Whether durable metadata writes are read back (see `open_verified`).
+    verify_writes: bool,
+    /// Why the metadata device was failed: a write that never read back as written.
+    failed: Option<String>,
     /// How many of `tiers` come from the config (the superblock's list); the rest are runtime.
     config_tiers: usize,
     /// Per tier: the object-storage tier behind it, if it is one.
@@ -275,11 +300,24 @@ impl MetaService {
         fua: bool,
     ) -> Result<(), String> {
         let buf = if matches!(kind, IoKind::Read | IoKind::Write) {
+            assert!(len as usize <= self.buf.len());
             self.buf.as_mut_ptr()
         } else {
             std::ptr::null_mut()
         };
-        assert!(len as usize <= self.buf.len() || !matches!(kind, IoKind::Read | IoKind::Write));
+        self.sync_buf(tier, kind, offset, len, fua, buf)
+    }
+
+    /// `sync` with `buf`: null, or `self.buf` or `self.verify_buf` holding `len` bytes.
+    fn sync_buf(
+        &mut self,
+        tier: usize,
+        kind: IoKind,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        buf: *mut u8,
+    ) -> Result<(), String> {
         let req = IoRequest {
             tag: 1,
             kind,
@@ -289,7 +327,8 @@ impl MetaService {
             buf_index: BUF_INDEX_NONE,
             fua,
         };
-        // SAFETY: `buf` is our own AlignedBuf, alive and untouched until the call returns.
+        // SAFETY: `buf` is null or one of our own AlignedBufs of at least `len` bytes (the
+        // callers' contract), alive and untouched until the call returns.
         let rc = unsafe { submit_and_wait(self.chans[tier].as_mut(), &req) };
         if rc < 0 {
             return Err(io_error(
@@ -304,6 +343,9 @@ impl MetaService {
     }
 
     fn write_frame_block(&mut self, offset: u64, bytes: &[u8], limit: u64) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let len = (bytes.len() as u64).max(1).next_multiple_of(BLOCK_BYTES);
         if len > limit {
             return Err(format!(
@@ -316,7 +358,67 @@ impl MetaService {
         let b = self.buf.as_mut_slice();
         b[..bytes.len()].copy_from_slice(bytes);
         b[bytes.len()..len as usize].fill(0);
-        self.sync(0, IoKind::Write, offset, len, true)
+        // A write that fails outright changed nothing the caller relies on: not fatal.
+        self.sync(0, IoKind::Write, offset, len, true)?;
+        if self.verify_writes {
+            self.verify_write(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Reads back the durable write of `self.buf[..len]` at `offset` of the metadata region
+    /// and rewrites it while it differs (misdirected or lost: reported done but not there),
+    /// up to [`VERIFY_REWRITES`] times. If it still does not read back as written, the
+    /// metadata device is failed: a copy of it may sit elsewhere in the region (another
+    /// superblock copy, say), so no later change may assume what the media holds.
+    fn verify_write(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        if len as usize > self.verify_buf.len() {
+            self.verify_buf = AlignedBuf::zeroed(len as usize);
+        }
+        let what = region_name(offset);
+        let mut last = String::new();
+        for attempt in 0..=VERIFY_REWRITES {
+            if attempt > 0 {
+                if let Err(e) = self.sync(0, IoKind::Write, offset, len, true) {
+                    last = format!("rewrite failed: {e}");
+                    continue;
+                }
+            }
+            let dst = self.verify_buf.as_mut_ptr();
+            if let Err(e) = self.sync_buf(0, IoKind::Read, offset, len, false, dst) {
+                let tier = &self.tiers[0].name;
+                tracing::warn!(%tier, offset, len, what, "metadata read-back failed: {e}");
+                last = format!("read-back failed: {e}");
+                continue;
+            }
+            let n = len as usize;
+            if self.verify_buf.as_slice()[..n] == self.buf.as_slice()[..n] {
+                return Ok(());
+            }
+            self.state
+                .stats
+                .misdirected_writes
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                tier = %self.tiers[0].name,
+                offset,
+                len,
+                what,
+                rewrites_left = VERIFY_REWRITES - attempt,
+                "metadata write reported done but reads back different (misdirected or lost)"
+            );
+            last = "it reads back different (misdirected or lost)".into();
+        }
+        let tier = &self.tiers[0].name;
+        let e = format!(
+            "metadata device failed: tier '{tier}' {what} at byte {offset}+{len} did not read \
+             back as written after {VERIFY_REWRITES} rewrites ({last}); no further metadata \
+             change is accepted"
+        );
+        tracing::error!("{e}");
+        self.state.stats.failed.store(true, Ordering::Relaxed);
+        self.failed = Some(e.clone());
+        Err(e)
     }
 
     fn read_region(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
@@ -330,6 +432,16 @@ impl MetaService {
     /// Opens the journal on `tiers[0]`, formatting blank media, and recovers
     /// every volume's map: checkpoint, then log replay up to the torn tail.
     pub fn open(tiers: Vec<MetaTier>, volumes: Vec<Arc<Volume>>) -> Result<MetaService, String> {
+        Self::open_verified(tiers, volumes, true)
+    }
+
+    /// [`MetaService::open`], with the read-back of durable metadata writes on or off (off
+    /// only to show what it prevents: the simulator's `--no-verify-writes`).
+    pub fn open_verified(
+        tiers: Vec<MetaTier>,
+        volumes: Vec<Arc<Volume>>,
+        verify_writes: bool,
+    ) -> Result<MetaService, String> {
         assert!(!tiers.is_empty());
         let mut chans = Vec::new();
         for t in &tiers {
@@ -405,8 +517,12 @@ impl MetaService {
                 replayed_records: 0,
                 runtime_tiers: Vec::new(),
                 moves: Vec::new(),
+                stats: Arc::new(JournalStats::default()),
             },
             buf: AlignedBuf::zeroed(1 << 20),
+            verify_buf: AlignedBuf::zeroed(1 << 20),
+            verify_writes,
+            failed: None,
             config_tiers: 0,
             object,
             object_gen_base: 0,
@@ -459,6 +575,7 @@ impl MetaService {
             replayed_records: r.replayed_records,
             runtime_tiers: std::mem::take(&mut self.state.runtime_tiers),
             moves: r.moves,
+            stats: self.state.stats.clone(),
         };
         tracing::info!(
             generation = r.superblock.generation,
@@ -1330,6 +1447,23 @@ fn check_superblock(sb: &Superblock, frame_seq: u64) -> Result<(), String> {
         return Err("generation or checkpoint sequence is at its limit".into());
     }
     Ok(())
+}
+
+/// What lies at `offset` of the metadata region, for messages and the simulator's events.
+pub fn region_name(offset: u64) -> &'static str {
+    if offset == SUPERBLOCK_OFFSETS[0] {
+        "superblock copy A"
+    } else if offset == SUPERBLOCK_OFFSETS[1] {
+        "superblock copy B"
+    } else if (CHECKPOINT_OFFSETS[0]..CHECKPOINT_OFFSETS[1]).contains(&offset) {
+        "checkpoint slot 0"
+    } else if (CHECKPOINT_OFFSETS[1]..LOG_OFFSET).contains(&offset) {
+        "checkpoint slot 1"
+    } else if (LOG_OFFSET..META_BYTES).contains(&offset) {
+        "journal commit"
+    } else {
+        "metadata region"
+    }
 }
 
 /// Where [`scan_log`] stopped.
