@@ -244,11 +244,9 @@ EOF
 done
 
 # --- 2. copy rate with no load, plain files -------------------------------------------
-fresh rate plain
-migrate adaptive
-st=$(wait_done)
-kiln_rate=$(python3 -c "import json,sys; j=json.load(sys.stdin); print(f'{j[\"moved_bytes\"] / j[\"elapsed_s\"] / 2**20:.0f}')" <<<"$st")
-stop_server
+# The raw copy runs first, on its own copy of the same source image (synced, so O_DIRECT
+# reads real blocks: after kiln's move the source is trimmed or deleted, and a read of holes
+# costs no device time), then kiln moves the volume of a fresh server.
 raw() { # rw file
     fio --output-format=json --name=raw --ioengine=io_uring --direct=1 --bs=128k --iodepth=8 \
         --rw="$1" --size=${VOL_GIB}g "--filename=$2" | python3 -c '
@@ -256,9 +254,19 @@ import json, sys
 j = json.load(sys.stdin)["jobs"][0]
 print(j["job_runtime"] / 1000)'
 }
-t_read=$(raw read "$dir/src.img")
-t_write=$(raw write "$dir/raw-dst.img")
+mkdir -p "$OUT/raw"
+cp --sparse=always "$tmpl/src.img" "$OUT/raw/src.img"
+sync
+t_read=$(raw read "$OUT/raw/src.img")
+t_write=$(raw write "$OUT/raw/dst.img")
+rm -rf "$OUT/raw"
 raw_rate=$(python3 -c "print(f'{$VOL_GIB * 1024 / ($t_read + $t_write):.0f}')")
+fresh rate plain
+sync
+migrate adaptive
+st=$(wait_done)
+kiln_rate=$(python3 -c "import json,sys; j=json.load(sys.stdin); print(f'{j[\"moved_bytes\"] / j[\"elapsed_s\"] / 2**20:.0f}')" <<<"$st")
+stop_server
 copy_ratio=$(python3 -c "print(f'{$kiln_rate / $raw_rate:.2f}')")
 echo "copy rate: kiln ${kiln_rate} MiB/s, raw fio read ${t_read} s + write ${t_write} s = ${raw_rate} MiB/s, ratio ${copy_ratio}"
 rm -f "$dir"/*.img
