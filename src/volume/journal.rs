@@ -1277,7 +1277,7 @@ pub fn recover_region(
     }
     let mut orphans = Vec::new();
     for image in ckpt.volumes {
-        let context = |e: String| format!("checkpoint volume '{}': {e}", image.name);
+        let context = |e: String| format!("checkpoint volume {:?}: {e}", image.name);
         match volumes.iter().find(|v| v.name == image.name) {
             Some(v) => {
                 if v.size_bytes != image.size_bytes {
@@ -1375,7 +1375,7 @@ pub fn claim_mapped(
     for image in orphans {
         for r in &image.runs {
             claim(r.tier, r.phys_granule, r.count)
-                .map_err(|e| format!("orphaned volume '{}': {e}", image.name))?;
+                .map_err(|e| format!("orphaned volume {:?}: {e}", image.name))?;
         }
     }
     Ok(())
@@ -2006,7 +2006,7 @@ mod tests {
         // In the log: an AddTier out of order, a map past a runtime tier, a move to no tier.
         let e = Region::new(&sb, vec![], &[add_tier(&runtime_tier(5, 1 << 20))]).error();
         assert!(
-            e.starts_with("log record 11: runtime tier 'rt5' has index 5"),
+            e.starts_with("log record 11: runtime tier \"rt5\" has index 5"),
             "{e}"
         );
         let records = [add_tier(&runtime_tier(2, 1 << 20)), map(0, 1, 2, 16)];

@@ -126,17 +126,19 @@ fn open_device(
 }
 
 /// The checks a runtime tier read back must pass: the next index after `tiers` tiers, and
-/// room for at least one granule.
+/// room for at least one granule. Names read from disk are shown escaped (`{:?}`), so a
+/// corrupt one cannot break an error message over several lines (fuzz target
+/// `journal_record`).
 pub(super) fn check_runtime_tier(tier: &RuntimeTier, tiers: usize) -> Result<(), String> {
     if tier.index as usize != tiers {
         return Err(format!(
-            "runtime tier '{}' has index {} but {tiers} tiers exist",
+            "runtime tier {:?} has index {} but {tiers} tiers exist",
             tier.name, tier.index
         ));
     }
     if tier.capacity_bytes < GRANULE_BYTES {
         return Err(format!(
-            "runtime tier '{}' has a capacity of {} bytes, less than a granule",
+            "runtime tier {:?} has a capacity of {} bytes, less than a granule",
             tier.name, tier.capacity_bytes
         ));
     }
@@ -399,6 +401,25 @@ impl MetaService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz target `journal_record`, 2026-11-21): a runtime tier record whose
+    /// name held a newline made a two-line error message.
+    #[test]
+    fn a_corrupt_runtime_tier_name_is_escaped_in_the_error() {
+        let t = RuntimeTier {
+            index: 3,
+            name: "\n;".into(),
+            device: "null:1GiB".into(),
+            capacity_bytes: 2,
+        };
+        let e = check_runtime_tier(&t, 3).unwrap_err();
+        assert_eq!(
+            e,
+            "runtime tier \"\\n;\" has a capacity of 2 bytes, less than a granule"
+        );
+        let e = check_runtime_tier(&t, 2).unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+    }
 
     /// Old records keep their postcard tags: a format-1 `Map` encodes as it always did.
     #[test]
