@@ -47,7 +47,7 @@ use crate::volume::journal::{MetaRequest, MoveParams};
 pub const FOLD_MS: u64 = 250;
 /// Most runs of a batch locked at once (see `Migrator::migrate_batch`); a group also
 /// stops at one copy unit of bytes.
-const LOCK_GROUP_RUNS: usize = 8;
+const LOCK_GROUP_RUNS: usize = 16;
 /// Seconds of copying a cold chunk should take at the observed rate.
 const COLD_CHUNK_S: f64 = 0.25;
 /// Hot chunks taken from the prefetch queue per sweep chunk, moved as one batch.
