@@ -449,6 +449,16 @@ impl Migrator {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
     }
 
+    /// Counts one switched run as a promotion (to a faster tier) or a demotion.
+    fn count_direction(&self, from: u8, to: u8) {
+        let c = if to < from {
+            &self.stats.promotions
+        } else {
+            &self.stats.demotions
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn grace(&self) -> Result<(), String> {
         if self.epochs.grace(self.grace_timeout) {
             Ok(())
@@ -631,11 +641,7 @@ impl Migrator {
                 self.stats
                     .rate_bytes_per_s
                     .store((old * 0.7 + rate * 0.3) as u64, Ordering::Relaxed);
-                if to_tier < from.tier {
-                    self.stats.promotions.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.stats.demotions.fetch_add(1, Ordering::Relaxed);
-                }
+                self.count_direction(from.tier, to_tier);
                 tracing::debug!(volume = %vol.name, first, count, from = from.tier, to = to_tier, "migrated");
                 Ok(())
             }

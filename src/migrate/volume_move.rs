@@ -1122,13 +1122,7 @@ impl Migrator {
                     .completed
                     .fetch_add(plan.len() as u64, Ordering::Relaxed);
                 for p in &plan {
-                    let up = to_tier < p.2.tier;
-                    let c = if up {
-                        &self.stats.promotions
-                    } else {
-                        &self.stats.demotions
-                    };
-                    c.fetch_add(1, Ordering::Relaxed);
+                    self.count_direction(p.2.tier, to_tier);
                 }
                 self.stats
                     .bytes_moved
