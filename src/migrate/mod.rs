@@ -223,7 +223,7 @@ impl Migrator {
         stats: Arc<MigrationStats>,
     ) -> Result<Migrator, String> {
         let pool =
-            DmaPool::new(COPY_IO_BYTES, 16).map_err(|e| format!("migration DMA pool: {e}"))?;
+            DmaPool::new(COPY_IO_BYTES, 32).map_err(|e| format!("migration DMA pool: {e}"))?;
         let chans = tiers
             .iter()
             .map(|t| {

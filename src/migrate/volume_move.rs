@@ -56,13 +56,24 @@ const HOT_PER_SWEEP: usize = 128;
 const HOT_MERGE_MAX: u64 = 4;
 /// Entries kept in the prefetch queue (a bounded queue; the rest wait for the next fold).
 const PREFETCH_QUEUE_MAX: usize = 8192;
-/// Decayed accesses below which a granule is never hot (noise).
-const HOT_SCORE_MIN: f32 = 2.0;
+/// Decayed accesses below which a granule is not prefetched: one access six folds (1.5 s)
+/// ago still counts. Every granule moves anyway, so a granule seen even once is worth taking
+/// before the unseen ones: under a skewed load most reads land on granules read before, and
+/// a threshold of two accesses left the long tail of the hot set to the sweep.
+const HOT_SCORE_MIN: f32 = 0.01;
 /// The hot set: the hottest granules that together carry this share of the
 /// predicted accesses of the granules still to move.
-const HOT_MASS: f64 = 0.9;
-/// Copy I/Os in flight at most (the naive and fixed baselines run at this depth too).
-const QUEUE_DEPTH_MAX: usize = 8;
+const HOT_MASS: f64 = 0.98;
+/// Decayed accesses at or above which the sweep cuts a cold chunk short (the granule is
+/// moved as a small chunk of its own, so that writes to it never wait behind a big copy).
+/// Higher than `HOT_SCORE_MIN`: a granule read once does not break up the sweep.
+const SWEEP_CUT_SCORE: f32 = 2.0;
+/// Copy I/Os in flight: the naive and fixed baselines run at this depth, and an adaptive
+/// move starts at it.
+const BASELINE_QUEUE_DEPTH: usize = 8;
+/// Copy I/Os in flight at most in an adaptive move (reached while foreground latency holds:
+/// a copy that also reads every block back needs the deeper queue to keep up with a raw copy).
+const QUEUE_DEPTH_MAX: usize = 16;
 /// Bytes per lock/grace step of a cold chunk (hot chunks are smaller than a step).
 const COLD_COPY_UNIT_BYTES: u64 = 4 << 20;
 /// Consecutive failed chunks after which the move gives up (it stays resumable).
@@ -476,13 +487,22 @@ impl Orchestrator<'_> {
     }
 
     fn is_hot(&self, g: u64) -> bool {
+        self.heat_at_least(g, self.hot_threshold.max(HOT_SCORE_MIN))
+    }
+
+    /// Whether the sweep should cut a cold chunk before `g`.
+    fn cuts_sweep(&self, g: u64) -> bool {
+        self.heat_at_least(g, self.hot_threshold.max(SWEEP_CUT_SCORE))
+    }
+
+    fn heat_at_least(&self, g: u64, threshold: f32) -> bool {
         self.job.mode == MoveMode::Adaptive
             && self
                 .sampler
                 .map()
                 .decayed
                 .get(g as usize)
-                .is_some_and(|&s| s >= self.hot_threshold.max(HOT_SCORE_MIN))
+                .is_some_and(|&s| s >= threshold)
     }
 
     /// The next hot chunk from the prefetch queue: `(first, count)`.
@@ -523,13 +543,13 @@ impl Orchestrator<'_> {
         // Chunks are aligned to their size (candidate boundaries on a fixed grid).
         let first = self.sweep;
         let mut end = ((first / size + 1) * size).min(self.granules);
-        if self.is_hot(first) {
+        if self.cuts_sweep(first) {
             // A hot granule the queue has not taken yet: a small chunk.
             let unit = self.chunk_min_granules();
             end = end.min((first / unit + 1) * unit);
         }
         let mut last = first + 1;
-        while last < end && !self.is_hot(last) {
+        while last < end && !self.cuts_sweep(last) {
             last += 1;
         }
         self.sweep = last;
@@ -782,7 +802,7 @@ fn run_inner(
         reply,
     })?;
     migrator.rate_cap_bytes_per_s = Some(job.rate_cap_bytes_per_s.unwrap_or(1e12));
-    let queue_depth = QUEUE_DEPTH_MAX;
+    let queue_depth = BASELINE_QUEUE_DEPTH;
     if job.mode != MoveMode::Naive {
         // Fewer lock/grace rounds per cold chunk; writes to a unit wait at most one unit's copy.
         migrator.copy_unit_bytes = COLD_COPY_UNIT_BYTES;
