@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Live tiering benchmark: `kiln serve` with a 256 MiB `fast` tier (file) and a `capacity` tier
 # (file behind `delay:2000,2000,200:`, i.e. 2 ms and 200 MiB/s, an emulated HDD), one 2 GiB
-# volume, fio through NBD. Runs the same harness twice, with policy "kiln" and "demand-lru"
-# (fresh data directories), and reports:
+# volume, fio through NBD. Runs the same harness three times (fresh data directories): policy
+# "kiln", policy "demand-lru" (the issue's baseline: `demand_promotion = "sync"`, the default,
+# a read of data on the capacity tier waits while its granules are promoted, LRU eviction),
+# and "demand-lru" with `demand_promotion = "window"` (promotes what was read at the next
+# 1 s window, through the plan, like kiln), and reports:
 #
 #   speedup_vs_start       mean read latency in the first 20 s / in the last third (kiln)
-#   speedup_vs_demand_lru  demand-lru last-third mean read latency / kiln last-third mean
+#   speedup_vs_demand_lru  demand-lru (sync) last-third mean read latency / kiln last-third mean
+#                          (the window variant's ratio is printed on the line before)
 #   shift                  halfway through, the zipf hot set moves by half the volume
 #                          (zipf:1.2:0.0 -> zipf:1.2:0.5); windows until kiln promotes again
 #                          and until read latency recovers
@@ -80,9 +84,9 @@ URI() { echo "nbd+unix:///vol0?socket=$dir/nbd.sock"; }
 LOAD=(--ioengine=nbd --rw=randrw --rwmixread=90 --bs=4k --iodepth=8 --size=2g --time_based
       --norandommap --randrepeat=0 --log_avg_msec=1000 --output-format=json)
 
-run_policy() { # policy
-    local policy=$1
-    dir=$OUT/$policy
+run_policy() { # label policy [extra [policy] line]
+    local label=$1 policy=$2 extra=${3:-}
+    dir=$OUT/$label
     rm -rf "$dir"; mkdir -p "$dir"
     cat >"$dir/kiln.toml" <<EOF
 [[tier]]
@@ -122,25 +126,26 @@ poll_mode = "adaptive"
 
 [policy]
 policy = "$policy"
+$extra
 EOF
     start_server "$dir"
-    echo "[$policy] prefill 2 GiB (sequential 1 MiB writes)"
+    echo "[$label] prefill 2 GiB (sequential 1 MiB writes)"
     fio --name=prefill --ioengine=nbd "--uri=$(URI)" --rw=write --bs=1m --iodepth=8 --size=2g \
         --output-format=json >"$dir/prefill.json"
     # Start cold: the prefill filled the fast tier first; move the whole volume to the
     # capacity tier (policy paused, so nothing is promoted back before the load starts).
     rpc policy_pause >/dev/null
-    echo "[$policy] cold start: policy_force_tier capacity"
+    echo "[$label] cold start: policy_force_tier capacity"
     "$KILN" rpc policy_force_tier '{"tier":"capacity","wait":true}' -s "$dir/kiln.sock" --timeout 600 >/dev/null
     rpc volume_get_map '{"volume":"vol0"}' >"$dir/map-start.json"
     rpc policy_resume >/dev/null
     poll_status &
     POLLER_PID=$!
-    echo "[$policy] phase 1: ${HALF}s zipf:1.2:0.0 randrw 90/10 4k QD8"
+    echo "[$label] phase 1: ${HALF}s zipf:1.2:0.0 randrw 90/10 4k QD8"
     mark phase1
     fio --name=p1 --ioengine=nbd "--uri=$(URI)" "${LOAD[@]}" --random_distribution=zipf:1.2:0.0 \
         --runtime=$HALF "--write_lat_log=$dir/p1" >"$dir/p1.json"
-    echo "[$policy] phase 2: ${HALF}s zipf:1.2:0.5 (the hot set moves by 1 GiB)"
+    echo "[$label] phase 2: ${HALF}s zipf:1.2:0.5 (the hot set moves by 1 GiB)"
     mark phase2
     fio --name=p2 --ioengine=nbd "--uri=$(URI)" "${LOAD[@]}" --random_distribution=zipf:1.2:0.5 \
         --runtime=$HALF "--write_lat_log=$dir/p2" >"$dir/p2.json"
@@ -160,15 +165,15 @@ EOF
         rpc policy_pause >/dev/null
         sleep 2
         rpc migration_get_status >"$dir/fg-paused-before.json"
-        echo "[$policy] foreground p99, policy paused (${FG}s)"
+        echo "[$label] foreground p99, policy paused (${FG}s)"
         fio "${fg[@]}" >"$dir/fg-paused.json"
         rpc migration_get_status >"$dir/fg-paused-after.json"
         rpc policy_resume >/dev/null
-        echo "[$policy] foreground p99, policy running (${FG}s)"
+        echo "[$label] foreground p99, policy running (${FG}s)"
         fio "${fg[@]}" >"$dir/fg-running.json"
         rpc migration_get_status >"$dir/fg-running-after.json"
         # Integrity: crc32c verify of zipf random writes while the policy keeps migrating.
-        echo "[$policy] verify phase (crc32c)"
+        echo "[$label] verify phase (crc32c)"
         (cd "$dir" && exec fio --name=verify --ioengine=nbd "--uri=$(URI)" --rw=randwrite --bs=4k --iodepth=8 \
             --size=2g --io_size=$((QUICK ? 128 : 384))m --random_distribution=zipf:1.2:0.75 \
             --norandommap --serialize_overlap=1 --verify=crc32c --do_verify=1 \
@@ -181,8 +186,9 @@ EOF
     grep -ci "warn" "$dir/kiln.log" >"$dir/warnings.count" || true
 }
 
-run_policy kiln
-run_policy demand-lru
+run_policy kiln kiln
+run_policy demand-lru demand-lru 'demand_promotion = "sync"'
+run_policy demand-lru-window demand-lru 'demand_promotion = "window"'
 
 python3 - "$OUT" "$DUR" "$QUICK" <<'EOF'
 import json, os, re, sys, datetime
@@ -217,7 +223,7 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 res = {}
-for pol in ("kiln", "demand-lru"):
+for pol in ("kiln", "demand-lru", "demand-lru-window"):
     d = os.path.join(out, pol)
     s = lat_series(d)
     first = mean(v for t, v in s if t < 20)
@@ -254,7 +260,7 @@ for pol in ("kiln", "demand-lru"):
     r["promotions_after_shift"] = (after[-1][2] - prom0) if after else 0
     res[pol] = r
 
-k, lru = res["kiln"], res["demand-lru"]
+k, lru, win = res["kiln"], res["demand-lru"], res["demand-lru-window"]
 d = os.path.join(out, "kiln")
 def fg(name):
     j = fio_json(os.path.join(d, name))["jobs"]
@@ -272,6 +278,7 @@ if vj["error"] != 0 and mism == 0:
 verified_ios = vj["read"]["total_ios"]
 sv_start = k["first20"] / k["last3"]
 sv_lru = lru["last3"] / k["last3"]
+sv_win = win["last3"] / k["last3"]
 
 def f(x, n=2):
     return "n/a" if x is None or x != x else f"{x:.{n}f}"
@@ -303,7 +310,9 @@ for pol, r in res.items():
       f"{r['recover_s'] if r['recover_s'] is not None else 'not within the run'} |")
 A("")
 A(f"- speedup_vs_start (kiln, first 20 s / last third): **{f(sv_start)}**")
-A(f"- speedup_vs_demand_lru (last third, demand-lru / kiln): **{f(sv_lru)}**")
+A(f"- speedup_vs_demand_lru (last third, demand-lru with synchronous promotion / kiln): **{f(sv_lru)}**")
+A(f"- the same against demand-lru with `demand_promotion = \"window\"` (promotion at the next window, "
+  f"through the plan): **{f(sv_win)}**")
 A(f"- foreground read p99 (kiln, {'15' if quick else '30'} s each, fg job = phase 2 load, "
   f"second job reads a new hot set at 500 IOPS): policy paused {f(fg_paused[0])} ms "
   f"({moved_paused} migrations), policy running {f(fg_running[0])} ms ({moved_running} "
@@ -311,14 +320,15 @@ A(f"- foreground read p99 (kiln, {'15' if quick else '30'} s each, fg job = phas
   f"fg read mean {f(fg_paused[1])} / {f(fg_running[1])} ms")
 A(f"- verify phase (crc32c, zipf random writes with backlog verify while migrating): "
   f"{verified_ios} blocks verified, **{mism} mismatches**, fio error {vj['error']}")
-A(f"- serve log lines with warnings: kiln {k['warnings']}, demand-lru {lru['warnings']}")
+A(f"- serve log lines with warnings: kiln {k['warnings']}, demand-lru {lru['warnings']}, "
+  f"demand-lru-window {win['warnings']}")
 A("")
-A("Per-second mean read latency (ms), kiln | demand-lru:")
+A("Per-second mean read latency (ms), kiln | demand-lru (sync) | demand-lru (window):")
 A("")
 A("```")
-ks, ls = dict(k["series"]), dict(lru["series"])
+ks, ls, ws = dict(k["series"]), dict(lru["series"]), dict(win["series"])
 for t in range(0, dur, 5):
-    A(f"t={t:3d}s  kiln {f(ks.get(t), 2):>6}  demand-lru {f(ls.get(t), 2):>6}"
+    A(f"t={t:3d}s  kiln {f(ks.get(t), 2):>6}  demand-lru {f(ls.get(t), 2):>6}  window {f(ws.get(t), 2):>6}"
       + ("   <- hot set moves" if t == half else ""))
 A("```")
 A("")
@@ -328,7 +338,7 @@ A("")
 A("Commands (per policy; `$D` is the run's directory):")
 A("")
 A("```sh")
-A("kiln serve --config $D/kiln.toml &        # [policy] policy = \"kiln\" | \"demand-lru\"")
+A("kiln serve --config $D/kiln.toml &        # [policy] policy = \"kiln\" | \"demand-lru\" (demand_promotion = \"sync\" | \"window\")")
 A("fio --name=prefill --ioengine=nbd --uri='nbd+unix:///vol0?socket=$D/nbd.sock' --rw=write --bs=1m --iodepth=8 --size=2g")
 A('kiln rpc policy_pause; kiln rpc policy_force_tier \'{"tier":"capacity","wait":true}\'; kiln rpc policy_resume')
 for ph, c in (("p1", "0.0"), ("p2", "0.5")):
@@ -353,5 +363,6 @@ i, j = text.index(b) + len(b), text.index(e)
 text = text[:i] + "\n" + section + text[j:]
 open(path, "w").write(text)
 print(section)
+print(f"speedup_vs_demand_lru_window={f(sv_win)}")
 print(f"speedup_vs_start={f(sv_start)} speedup_vs_demand_lru={f(sv_lru)} mismatches={mism}")
 EOF

@@ -591,8 +591,10 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         max_connections: plan.nvmf.max_connections,
     });
     let mut nvmf_inboxes = Vec::new();
-    // Writes to object-resident data wait for the policy thread to promote it.
+    // Writes to object-resident data (and, under the synchronous demand policy, reads
+    // of data off the fastest tier) wait for the policy thread to promote it.
     let (promote_tx, promote_rx) = crossbeam_channel::unbounded();
+    let settings = Arc::new(MigrationSettings::default());
     let mut inboxes = Vec::new();
     for (ri, h) in reactors.handles.iter().enumerate() {
         let (ep, recs) = (epochs.clone(), std::mem::take(&mut recorders[ri]));
@@ -614,6 +616,7 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         );
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
         let ptx = promote_tx.clone();
+        let demand = settings.clone();
         h.send(move |r| {
             let slab = (lim.max_queue_depth * 16).max(256);
             let engines = VolumeIo::new(
@@ -636,6 +639,8 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
                     nvmf_io.set_tier_registry(reg);
                     io.set_promoter(ptx.clone());
                     nvmf_io.set_promoter(ptx);
+                    io.set_demand_reads(demand.clone());
+                    nvmf_io.set_demand_reads(demand);
                     for (vi, rec) in recs.into_iter().enumerate() {
                         io.set_heat(vi, rec);
                     }
@@ -676,7 +681,6 @@ fn serve_inner(args: &ServeArgs) -> Result<(), String> {
         )?);
     }
     // The policy loop and its migration engine.
-    let settings = Arc::new(MigrationSettings::default());
     let mstats = Arc::new(MigrationStats::default());
     let tiers_for_plan = &tiers;
     let plan_tiers: Vec<PlanTier> = plan

@@ -490,3 +490,102 @@ fn pause_resume_priority_and_heatmap_rpcs() {
         let _ = f.child.wait();
     }
 }
+
+/// Bytes of `[offset, offset + len)` of vol0 mapped to `tier`.
+fn bytes_on(k: &Kiln, tier: &str, offset: u64, len: u64) -> u64 {
+    k.rpc("volume_get_map", Some(r#"{"volume":"vol0"}"#))["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["tier"].as_str() == Some(tier))
+        .map(|c| {
+            let (o, l) = (num(c, "offset"), num(c, "length"));
+            (o + l).min(offset + len).saturating_sub(o.max(offset))
+        })
+        .sum()
+}
+
+/// `policy = "demand-lru"` with `demand_promotion = MODE` and windows too long to ever
+/// run (placement can only change in the I/O path); the prefill is forced to the
+/// capacity tier.
+fn demand_server(tag: &str, mode: &str) -> Kiln {
+    let mut o = Opts {
+        fast: "96MiB",
+        capacity: "1GiB",
+        volume: "512MiB",
+        ..Opts::default()
+    };
+    o.reactor.push_str(&format!(
+        "[policy]\npolicy = \"demand-lru\"\ninterval_ms = 600000\ndemand_promotion = \"{mode}\"\n"
+    ));
+    let k = Kiln::start(tag, o);
+    prefill(&k, "0", "128m", true);
+    k.rpc(
+        "policy_force_tier",
+        Some(r#"{"tier":"capacity","wait":true}"#),
+    );
+    assert_eq!(bytes_on(&k, "fast", 0, 128 << 20), 0, "forced to capacity");
+    k
+}
+
+/// Verifies (reads) `[offset, offset + size)` of the prefill through NBD.
+fn verify_range(k: &Kiln, offset: &str, size: &str, what: &str) {
+    let mut a = args(&[
+        "--name=prefill",
+        "--ioengine=nbd",
+        "--rw=read",
+        "--bs=1m",
+        "--iodepth=4",
+        "--verify=crc32c",
+        "--verify_only",
+    ]);
+    a.push(format!("--uri={}", k.unix_uri()));
+    a.push(format!("--offset={offset}"));
+    a.push(format!("--size={size}"));
+    let r = fio(&k.dir.path, &a, Duration::from_secs(120));
+    assert_clean(&r, what);
+}
+
+#[test]
+fn demand_lru_sync_promotes_reads_in_the_io_path_and_evicts_lru() {
+    if !require_tool("fio") {
+        return;
+    }
+    // Sync: the read waits for its promotion, so the map shows the read range on the
+    // fast tier as soon as the read has completed (no window ran: interval 10 min).
+    let k = demand_server("mlive-demand-sync", "sync");
+    verify_range(&k, "0", "4m", "sync read of 4 MiB");
+    assert_eq!(
+        bytes_on(&k, "fast", 0, 4 << 20),
+        4 << 20,
+        "a demand read left its data off the fast tier\nlog:\n{}",
+        k.log_text()
+    );
+    let st = status(&k);
+    assert!(num(&st, "promotions") > 0, "{st}");
+    // Reading more than the fast tier holds (32 MiB of data after the 64 MiB
+    // metadata region) evicts the least recently used: the latest reads stay fast,
+    // the first ones went back to capacity, and every block still verifies.
+    verify_range(&k, "4m", "60m", "sync reads over the fast tier's size");
+    assert_eq!(
+        bytes_on(&k, "fast", 56 << 20, 8 << 20),
+        8 << 20,
+        "the latest reads are not on the fast tier"
+    );
+    assert!(
+        bytes_on(&k, "fast", 0, 4 << 20) < 4 << 20,
+        "nothing of the least recently read range was evicted"
+    );
+    let st = status(&k);
+    assert!(num(&st, "demotions") > 0, "no eviction: {st}");
+    verify_range(&k, "0", "128m", "everything after the evictions");
+
+    // Window: the same read is served from the capacity tier and nothing moves.
+    let w = demand_server("mlive-demand-window", "window");
+    verify_range(&w, "0", "4m", "window read of 4 MiB");
+    assert_eq!(
+        bytes_on(&w, "fast", 0, 4 << 20),
+        0,
+        "window mode promoted in the I/O path"
+    );
+}

@@ -21,6 +21,7 @@
 //! also reached (shadowing). Copies are paced by a token bucket per tier and
 //! a queue-depth share, adjustable at run time.
 
+pub mod demand;
 mod object;
 pub mod volume_move;
 pub mod volume_move_cli;
@@ -56,6 +57,10 @@ pub struct MigrationSettings {
     /// Copy I/Os in flight at once (the migration's share of device queue depth).
     pub queue_depth: AtomicU64,
     pub paused: AtomicBool,
+    /// Reads of data off the fastest tier wait for its promotion (policy `demand-lru`
+    /// with `demand_promotion = "sync"`). The policy thread clears it while it is paused
+    /// or moving a whole volume, when nothing would serve the promotions.
+    pub demand_reads: AtomicBool,
 }
 
 impl Default for MigrationSettings {
@@ -64,6 +69,7 @@ impl Default for MigrationSettings {
             bandwidth_pct: AtomicU64::new(50),
             queue_depth: AtomicU64::new(4),
             paused: AtomicBool::new(false),
+            demand_reads: AtomicBool::new(false),
         }
     }
 }
@@ -459,7 +465,7 @@ impl Migrator {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn grace(&self) -> Result<(), String> {
+    pub(crate) fn grace(&self) -> Result<(), String> {
         if self.epochs.grace(self.grace_timeout) {
             Ok(())
         } else {

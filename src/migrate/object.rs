@@ -31,11 +31,16 @@ use crate::volume::journal::{MetaRequest, GRANULE_BYTES};
 const _: () = assert!(GRANULE_BYTES == crate::bdev::object::CRC_BLOCK_BYTES);
 
 /// A write found object-resident data in its range: promote it, then reply
-/// 0 (the write is retried) or a negative errno (the write fails).
+/// 0 (the write is retried) or a negative errno (the write fails). Or, with
+/// `read`, a read under the synchronous demand policy found data off the
+/// fastest tier: promote it there (evicting the least recently used), then
+/// reply 0 (the read is served from the new copy) or a negative errno (the
+/// read is served from where the data is).
 pub struct PromoteRequest {
     pub volume: usize,
     pub offset_bytes: u64,
     pub len_bytes: u64,
+    pub read: bool,
     pub reply: Box<dyn FnOnce(i32) + Send>,
 }
 

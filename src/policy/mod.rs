@@ -49,6 +49,19 @@ pub enum PolicyKind {
     Static,
 }
 
+/// How `demand-lru` promotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DemandPromotion {
+    /// In the I/O path: a read of data off the fastest tier waits while its granules are
+    /// promoted (evicting the least recently used), then reads the new copy. The classic
+    /// cache-like baseline (see `crate::migrate::demand`).
+    Sync,
+    /// Through the plan, once per window: what was read on a slower tier is promoted
+    /// at the next window, and the read itself is served from where the data is.
+    Window,
+}
+
 /// The `[policy]` section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +94,9 @@ pub struct PolicyConfig {
     /// Copy I/Os in flight at once.
     #[serde(default = "d_qd")]
     pub migration_queue_depth: u64,
+    /// How `policy = "demand-lru"` promotes: `"sync"` (default) or `"window"`.
+    #[serde(default = "d_demand")]
+    pub demand_promotion: DemandPromotion,
 }
 
 fn d_policy() -> PolicyKind {
@@ -112,6 +128,9 @@ fn d_bw() -> u64 {
 }
 fn d_qd() -> u64 {
     4
+}
+fn d_demand() -> DemandPromotion {
+    DemandPromotion::Sync
 }
 
 impl Default for PolicyConfig {
@@ -336,6 +355,16 @@ pub fn start_with_objects(
                 let objects = ObjectWork {
                     promote_rx,
                     last_gc: Instant::now(),
+                    demand: (config.policy == PolicyKind::DemandLru
+                        && config.demand_promotion == DemandPromotion::Sync)
+                        .then(|| DemandWork {
+                            settings: s2.settings.clone(),
+                            recent: volumes
+                                .iter()
+                                .map(|v| vec![0; v.map.granules() as usize])
+                                .collect(),
+                            clock: 0,
+                        }),
                 };
                 run(
                     config, s2, volumes, tiers, samplers, migrator, params, objects,
@@ -379,11 +408,16 @@ fn run(
     let mut next = Instant::now() + interval;
     let mut window = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
+        // Demand reads wait for this thread: only while it serves them promptly.
+        let demand_on = !shared.paused.load(Ordering::Relaxed)
+            && shared.force_tier.load(Ordering::Relaxed) == FORCE_NONE;
+        objects.set_demand(demand_on, &mut migrator);
         objects.serve(&mut migrator);
         force_placement(&shared, &volumes, &mut migrator, &mut objects);
         objects.gc_if_due(&migrator);
         // A whole-volume move takes the thread (and the heat) until it ends.
         if let Some(job) = shared.moves.next_job() {
+            objects.set_demand(false, &mut migrator);
             let vi = job.volume;
             crate::migrate::volume_move::run(job, &mut migrator, &mut samplers[vi], &shared.stop);
             next = Instant::now() + interval;
@@ -407,6 +441,7 @@ fn run(
             if st.observe(map, window) {
                 shared.bursts.fetch_add(1, Ordering::Relaxed);
             }
+            objects.note_accesses(vi, st.last_access(), window);
             record_frame(&shared, vi, vol, map, window);
         }
         if shared.paused.load(Ordering::Relaxed) || params.kind == PolicyKind::Static {
@@ -540,6 +575,8 @@ fn run(
         shared.stats.queued.store(0, Ordering::Relaxed);
         shared.stats.queued_bytes.store(0, Ordering::Relaxed);
     }
+    // Reads parked for a demand promotion go on where their data is.
+    objects.set_demand(false, &mut migrator);
 }
 
 /// Reorders a window's queue (most urgent first) so that moves batch: it is cut
@@ -569,33 +606,123 @@ fn batch_order(queued: Vec<planner::Move>, granule_bytes: u64) -> Vec<planner::M
     out
 }
 
-/// Object-tier chores of the policy thread.
+/// Promotions requests wait for: object-tier writes, demand reads, and the
+/// object tiers' garbage collection.
 struct ObjectWork {
     promote_rx: Option<Receiver<PromoteRequest>>,
     last_gc: Instant,
+    /// The synchronous demand policy's state, when it is the policy.
+    demand: Option<DemandWork>,
+}
+
+/// State of the synchronous demand path (`crate::migrate::demand`).
+struct DemandWork {
+    settings: Arc<MigrationSettings>,
+    /// Per volume, per granule: the logical time of its latest access or promotion (LRU).
+    recent: Vec<Vec<u64>>,
+    /// Logical clock: +1 per promotion round and per window fold.
+    clock: u64,
 }
 
 impl ObjectWork {
-    /// Serves the promotions writes are waiting for.
+    /// Switches demand reads on or off. Switching off waits one epoch grace period,
+    /// so that every reactor that saw them on has sent its request, then serves
+    /// (without promoting) the reads already waiting.
+    fn set_demand(&mut self, on: bool, migrator: &mut Migrator) {
+        let Some(d) = &self.demand else { return };
+        let was = d.settings.demand_reads.swap(on, Ordering::Relaxed);
+        if was && !on {
+            if let Err(e) = migrator.grace() {
+                tracing::warn!("demand reads off: {e}");
+            }
+            self.serve(migrator);
+        }
+    }
+
+    /// Folds a window's accesses into the demand path's LRU: a granule accessed in
+    /// this window counts as used now.
+    fn note_accesses(&mut self, volume: usize, last_access: &[u64], window: u64) {
+        let Some(d) = &mut self.demand else { return };
+        d.clock += 1;
+        for (r, &a) in d.recent[volume].iter_mut().zip(last_access) {
+            if a == window {
+                *r = d.clock;
+            }
+        }
+    }
+
+    /// Serves the promotions writes and demand reads are waiting for.
     fn serve(&mut self, migrator: &mut Migrator) {
         let Some(rx) = &self.promote_rx else { return };
+        let mut reads = Vec::new();
         while let Ok(req) = rx.try_recv() {
-            let rc = migrator.promote_for_write(&req);
-            (req.reply)(rc);
+            if req.read {
+                reads.push(req);
+            } else {
+                let rc = migrator.promote_for_write(&req);
+                (req.reply)(rc);
+            }
+        }
+        self.serve_reads(reads, migrator);
+    }
+
+    /// Promotes what the waiting reads need, one batch per volume, then lets them go.
+    fn serve_reads(&mut self, mut reads: Vec<PromoteRequest>, migrator: &mut Migrator) {
+        if reads.is_empty() {
+            return;
+        }
+        let on = self
+            .demand
+            .as_ref()
+            .is_some_and(|d| d.settings.demand_reads.load(Ordering::Relaxed));
+        reads.sort_by_key(|r| r.volume);
+        while !reads.is_empty() {
+            let vi = reads[0].volume;
+            let n = reads.iter().take_while(|r| r.volume == vi).count();
+            let rc = match &mut self.demand {
+                Some(d) if on => {
+                    let ranges: Vec<(u64, u64)> = reads[..n]
+                        .iter()
+                        .map(|r| (r.offset_bytes, r.len_bytes))
+                        .collect();
+                    d.clock += 1;
+                    match migrator.promote_for_reads(vi, &ranges, &mut d.recent[vi], d.clock) {
+                        Ok(_) => 0,
+                        Err(e) => {
+                            tracing::debug!(volume = vi, "demand promotion failed: {e}");
+                            -libc::EAGAIN
+                        }
+                    }
+                }
+                // Paused or stopping: the reads go on where their data is.
+                _ => -libc::EAGAIN,
+            };
+            for r in reads.drain(..n) {
+                (r.reply)(rc);
+            }
         }
     }
 
     /// Sleeps up to `d`, waking for a promotion.
     fn wait(&mut self, d: Duration, migrator: &mut Migrator) {
-        match &self.promote_rx {
-            Some(rx) => {
-                if let Ok(req) = rx.recv_timeout(d) {
-                    let rc = migrator.promote_for_write(&req);
-                    (req.reply)(rc);
-                }
+        let req = match &self.promote_rx {
+            Some(rx) => match rx.recv_timeout(d) {
+                Ok(req) => req,
+                Err(_) => return,
+            },
+            None => {
+                std::thread::sleep(d);
+                return;
             }
-            None => std::thread::sleep(d),
+        };
+        if req.read {
+            self.serve_reads(vec![req], migrator);
+        } else {
+            let rc = migrator.promote_for_write(&req);
+            (req.reply)(rc);
         }
+        // Whatever arrived meanwhile goes in the same round.
+        self.serve(migrator);
     }
 
     fn gc_if_due(&mut self, migrator: &Migrator) {

@@ -107,6 +107,11 @@ pub struct VolumeState {
 use std::collections::VecDeque;
 
 impl VolumeState {
+    /// Per granule: the window of its latest access.
+    pub fn last_access(&self) -> &[u64] {
+        &self.last_access
+    }
+
     pub fn new(granules: u64, initial: u64) -> VolumeState {
         let initial = initial.max(1);
         let parts = (0..granules.div_ceil(initial))

@@ -61,6 +61,9 @@ struct Req {
     start_ns: u64,
     /// The epoch bit entered at dispatch, or EPOCH_NONE.
     epoch_bit: u8,
+    /// A read that already waited for one demand promotion: served from wherever the
+    /// data is now, never parked again (no promotion loop under eviction churn).
+    promoted: bool,
 }
 
 const EPOCH_NONE: u8 = u8::MAX;
@@ -97,6 +100,8 @@ pub struct VolumeIo {
     /// Bit t set: tier t is object storage (reads only; writes promote first).
     object_mask: u64,
     promote_tx: Option<Sender<crate::migrate::PromoteRequest>>,
+    /// Where the synchronous demand policy is switched on (see `set_demand_reads`).
+    demand: Option<Arc<crate::migrate::MigrationSettings>>,
 }
 
 fn op_index(kind: IoKind) -> usize {
@@ -177,6 +182,7 @@ impl VolumeIo {
             result: 0,
             start_ns: 0,
             epoch_bit: EPOCH_NONE,
+            promoted: false,
         };
         Ok(VolumeIo {
             volumes: volumes.clone(),
@@ -210,6 +216,7 @@ impl VolumeIo {
                 .filter(|(_, (_, d))| d.object_tier().is_some())
                 .fold(0, |m, (i, _)| m | 1 << i),
             promote_tx: None,
+            demand: None,
         })
     }
 
@@ -267,6 +274,35 @@ impl VolumeIo {
         self.promote_tx = Some(tx);
     }
 
+    /// Reads off the fastest tier wait for their promotion while
+    /// `settings.demand_reads` is set (the classic cache-like baseline).
+    pub fn set_demand_reads(&mut self, settings: Arc<crate::migrate::MigrationSettings>) {
+        self.demand = Some(settings);
+    }
+
+    /// Whether a read of the range should wait for a demand promotion: the policy is
+    /// on, this read has not waited once already, and some granule is on a slower
+    /// block tier (object tiers are read in place: a ranged GET, no promotion).
+    fn wants_demand_promotion(&self, idx: u32, vol: &Volume) -> bool {
+        let r = &self.reqs[idx as usize];
+        if r.promoted
+            || self.promote_tx.is_none()
+            || !self
+                .demand
+                .as_ref()
+                .is_some_and(|d| d.demand_reads.load(Ordering::Relaxed))
+        {
+            return false;
+        }
+        let g = vol.map.granule_bytes;
+        let (offset, len) = (r.op.offset_bytes, r.op.len_bytes as u64);
+        (offset / g..(offset + len).div_ceil(g)).any(|x| {
+            vol.map
+                .get(x)
+                .is_some_and(|l| l.tier != 0 && (self.object_mask >> l.tier) & 1 == 0)
+        })
+    }
+
     /// Whether any granule of the range is mapped to an object tier.
     fn touches_object_tier(&self, vol: &Volume, offset: u64, len: u64) -> bool {
         let g = vol.map.granule_bytes;
@@ -277,22 +313,31 @@ impl VolumeIo {
         })
     }
 
-    /// Parks a write whose range is object-resident until the policy thread
-    /// has promoted it, then dispatches it again (as after an allocation).
+    /// Parks a write whose range is object-resident (or a read under the demand
+    /// policy) until the policy thread has promoted it, then dispatches it again (as
+    /// after an allocation).
     fn promote_then_dispatch(&mut self, idx: u32) {
         let op = self.reqs[idx as usize].op;
+        let read = op.kind == IoKind::Read;
         let Some(promote_tx) = &self.promote_tx else {
+            if read {
+                self.reqs[idx as usize].promoted = true;
+                self.dispatch(idx);
+                return;
+            }
             tracing::error!("write to object-resident data with no promoter: EIO");
             self.finish_early(idx, -libc::EIO);
             return;
         };
         self.reqs[idx as usize].state = ReqState::Mapping;
+        self.reqs[idx as usize].promoted = read;
         let tx = self.map_tx.clone();
         let waker = self.reactor.clone();
         let sent = promote_tx.send(crate::migrate::PromoteRequest {
             volume: op.volume as usize,
             offset_bytes: op.offset_bytes,
             len_bytes: op.len_bytes as u64,
+            read,
             reply: Box::new(move |rc| {
                 let _ = tx.send((idx, rc));
                 if let Some(h) = waker {
@@ -350,6 +395,7 @@ impl VolumeIo {
             result: 0,
             start_ns: now_ns(),
             epoch_bit: EPOCH_NONE,
+            promoted: false,
         };
         if let (Some(h), IoKind::Read | IoKind::Write) = (&self.heat[op.volume as usize], op.kind) {
             let g = vol.map.granule_bytes;
@@ -417,6 +463,13 @@ impl VolumeIo {
         {
             self.epochs.exit(self.reactor_index, bit);
             self.promote_then_dispatch(idx);
+            return;
+        }
+        if op.kind == IoKind::Read && self.wants_demand_promotion(idx, &vol) {
+            // Sent inside the epoch: once the policy thread has switched demand reads
+            // off and waited a grace period, every such request is in its channel.
+            self.promote_then_dispatch(idx);
+            self.epochs.exit(self.reactor_index, bit);
             return;
         }
         self.reqs[idx as usize].epoch_bit = bit;
@@ -575,7 +628,9 @@ impl VolumeIo {
             busy = true;
             assert_eq!(self.reqs[idx as usize].state, ReqState::Mapping);
             self.reqs[idx as usize].state = ReqState::Running;
-            if rc != 0 {
+            // A read waited for a demand promotion: served from wherever the data is
+            // now, whether the promotion worked or not.
+            if rc != 0 && self.reqs[idx as usize].op.kind != IoKind::Read {
                 self.finish_early(idx, rc);
             } else {
                 self.dispatch(idx);
