@@ -22,5 +22,8 @@ cargo test --release -- --test-threads=2 2>&1 | tee "$log"
 # counts exactly the cargo tests.
 echo "== ci/fuzz.sh"
 ci/fuzz.sh "${FUZZ_SECONDS:-15}"
+# Miri over the pure-logic modules (a pinned nightly; SKIPPED outside CI without it).
+echo "== ci/miri.sh"
+ci/miri.sh
 # One closing line over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
