@@ -60,22 +60,23 @@ fn tiers_in_map(k: &Kiln) -> HashSet<String> {
         .collect()
 }
 
-/// Sequential 1 MiB writes over `[offset, offset+size)`, optionally with verify headers.
-fn prefill(k: &Kiln, offset: &str, size: &str, verify: bool) {
-    let mut a = args(&[
-        "--name=prefill",
-        "--ioengine=nbd",
-        "--rw=write",
-        "--bs=1m",
-        "--iodepth=8",
-    ]);
+/// A fio job named prefill (1 MiB blocks through NBD) over `[offset, offset+size)` of vol0.
+fn fio_range(k: &Kiln, job: &[&str], offset: &str, size: &str) -> FioRun {
+    let mut a = args(&["--name=prefill", "--ioengine=nbd", "--bs=1m"]);
+    a.extend(args(job));
     a.push(format!("--uri={}", k.unix_uri()));
     a.push(format!("--offset={offset}"));
     a.push(format!("--size={size}"));
+    fio(&k.dir.path, &a, Duration::from_secs(120))
+}
+
+/// Sequential 1 MiB writes over `[offset, offset+size)`, optionally with verify headers.
+fn prefill(k: &Kiln, offset: &str, size: &str, verify: bool) {
+    let mut job = vec!["--rw=write", "--iodepth=8"];
     if verify {
-        a.extend(args(&["--verify=crc32c", "--do_verify=0"]));
+        job.extend(["--verify=crc32c", "--do_verify=0"]);
     }
-    let r = fio(&k.dir.path, &a, Duration::from_secs(120));
+    let r = fio_range(k, &job, offset, size);
     assert!(r.status.success(), "prefill: {}", r.describe());
 }
 
@@ -530,20 +531,13 @@ fn demand_server(tag: &str, mode: &str) -> Kiln {
 
 /// Verifies (reads) `[offset, offset + size)` of the prefill through NBD.
 fn verify_range(k: &Kiln, offset: &str, size: &str, what: &str) {
-    let mut a = args(&[
-        "--name=prefill",
-        "--ioengine=nbd",
+    let job = [
         "--rw=read",
-        "--bs=1m",
         "--iodepth=4",
         "--verify=crc32c",
         "--verify_only",
-    ]);
-    a.push(format!("--uri={}", k.unix_uri()));
-    a.push(format!("--offset={offset}"));
-    a.push(format!("--size={size}"));
-    let r = fio(&k.dir.path, &a, Duration::from_secs(120));
-    assert_clean(&r, what);
+    ];
+    assert_clean(&fio_range(k, &job, offset, size), what);
 }
 
 #[test]

@@ -653,9 +653,18 @@ impl ObjectWork {
 
     /// Serves the promotions writes and demand reads are waiting for.
     fn serve(&mut self, migrator: &mut Migrator) {
+        self.serve_from(None, migrator);
+    }
+
+    /// Serves `first` (a request already received) and every request waiting behind it:
+    /// writes one by one, reads in one batch per volume.
+    fn serve_from(&mut self, first: Option<PromoteRequest>, migrator: &mut Migrator) {
         let Some(rx) = &self.promote_rx else { return };
         let mut reads = Vec::new();
-        while let Ok(req) = rx.try_recv() {
+        for req in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
             if req.read {
                 reads.push(req);
             } else {
@@ -703,26 +712,17 @@ impl ObjectWork {
         }
     }
 
-    /// Sleeps up to `d`, waking for a promotion.
+    /// Sleeps up to `d`, waking for a promotion; whatever arrived with it goes in
+    /// the same round.
     fn wait(&mut self, d: Duration, migrator: &mut Migrator) {
-        let req = match &self.promote_rx {
-            Some(rx) => match rx.recv_timeout(d) {
-                Ok(req) => req,
-                Err(_) => return,
-            },
-            None => {
-                std::thread::sleep(d);
-                return;
+        match &self.promote_rx {
+            Some(rx) => {
+                if let Ok(req) = rx.recv_timeout(d) {
+                    self.serve_from(Some(req), migrator);
+                }
             }
-        };
-        if req.read {
-            self.serve_reads(vec![req], migrator);
-        } else {
-            let rc = migrator.promote_for_write(&req);
-            (req.reply)(rc);
+            None => std::thread::sleep(d),
         }
-        // Whatever arrived meanwhile goes in the same round.
-        self.serve(migrator);
     }
 
     fn gc_if_due(&mut self, migrator: &Migrator) {

@@ -104,6 +104,12 @@ pub struct VolumeIo {
     demand: Option<Arc<crate::migrate::MigrationSettings>>,
 }
 
+/// Whether any mapped granule of `[offset, offset + len)` is on a tier `pred` accepts.
+fn any_tier(vol: &Volume, offset: u64, len: u64, pred: impl Fn(u8) -> bool) -> bool {
+    let g = vol.map.granule_bytes;
+    (offset / g..(offset + len).div_ceil(g)).any(|x| vol.map.get(x).is_some_and(|l| pred(l.tier)))
+}
+
 fn op_index(kind: IoKind) -> usize {
     match kind {
         IoKind::Read => 0,
@@ -294,23 +300,14 @@ impl VolumeIo {
         {
             return false;
         }
-        let g = vol.map.granule_bytes;
-        let (offset, len) = (r.op.offset_bytes, r.op.len_bytes as u64);
-        (offset / g..(offset + len).div_ceil(g)).any(|x| {
-            vol.map
-                .get(x)
-                .is_some_and(|l| l.tier != 0 && (self.object_mask >> l.tier) & 1 == 0)
+        any_tier(vol, r.op.offset_bytes, r.op.len_bytes as u64, |t| {
+            t != 0 && (self.object_mask >> t) & 1 == 0
         })
     }
 
     /// Whether any granule of the range is mapped to an object tier.
     fn touches_object_tier(&self, vol: &Volume, offset: u64, len: u64) -> bool {
-        let g = vol.map.granule_bytes;
-        (offset / g..(offset + len).div_ceil(g)).any(|x| {
-            vol.map
-                .get(x)
-                .is_some_and(|l| (self.object_mask >> l.tier) & 1 != 0)
-        })
+        any_tier(vol, offset, len, |t| (self.object_mask >> t) & 1 != 0)
     }
 
     /// Parks a write whose range is object-resident (or a read under the demand
@@ -320,11 +317,7 @@ impl VolumeIo {
         let op = self.reqs[idx as usize].op;
         let read = op.kind == IoKind::Read;
         let Some(promote_tx) = &self.promote_tx else {
-            if read {
-                self.reqs[idx as usize].promoted = true;
-                self.dispatch(idx);
-                return;
-            }
+            // Only writes get here without a promoter (`wants_demand_promotion` needs one).
             tracing::error!("write to object-resident data with no promoter: EIO");
             self.finish_early(idx, -libc::EIO);
             return;
